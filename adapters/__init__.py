@@ -1,0 +1,4 @@
+"""Pure adaptation math on torch tensors: stream normalization and adaptation policies.
+
+Nothing here knows about HTTP, stores or files.
+"""

@@ -1,0 +1,124 @@
+"""Stream normalization: batch norm whose statistics are chosen per sample by a policy.
+
+Every BatchNorm layer of a model is replaced by a `StreamNorm` that normalizes sample i
+with statistics (mu_i, var_i) supplied by the active `NormContext`:
+
+    y_i = x_i * a_i + b_i,   a_i = gamma / sqrt(var_i + eps),   b_i = beta - a_i * mu_i
+
+so requests of different streams share one forward pass without sharing statistics.
+Without an active context the layer is the frozen source batch norm.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ttaserve.adapters.moments import sample_moments
+
+# (layer index, per-sample means (N, C), per-sample variances (N, C), layer) -> (mu, var),
+# each (N, C) or (1, C).
+LayerStatistics = Callable[[int, torch.Tensor, torch.Tensor, "StreamNorm"], tuple[torch.Tensor, torch.Tensor]]  # fmt: skip
+
+
+@dataclass
+class NormContext:
+    """What one forward pass normalizes with, and the per-sample moments it saw."""
+
+    statistics: LayerStatistics
+    moments: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+_ACTIVE: contextvars.ContextVar[NormContext | None] = contextvars.ContextVar(
+    "ttaserve_norm_context", default=None
+)
+
+
+@contextlib.contextmanager
+def active_context(ctx: NormContext) -> Iterator[NormContext]:
+    """Make `ctx` the normalization context of forward passes in this thread/task."""
+    token = _ACTIVE.set(ctx)
+    try:
+        yield ctx
+    finally:
+        _ACTIVE.reset(token)
+
+
+class StreamNorm(nn.Module):
+    """A batch-norm layer whose statistics come per sample from the active context."""
+
+    def __init__(
+        self,
+        layer_index: int,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        running_mean: torch.Tensor,
+        running_var: torch.Tensor,
+        eps: float,
+    ) -> None:
+        super().__init__()
+        channels = running_mean.numel()
+        self.layer_index = layer_index
+        self.eps = float(eps)
+        ones, zeros = torch.ones(channels), torch.zeros(channels)
+        self.register_buffer(
+            "weight", (ones if weight is None else weight.detach()).float().clone()
+        )
+        self.register_buffer("bias", (zeros if bias is None else bias.detach()).float().clone())
+        self.register_buffer("running_mean", running_mean.detach().float().clone())
+        self.register_buffer("running_var", running_var.detach().float().clone())
+
+    @property
+    def channels(self) -> int:
+        return self.running_mean.numel()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ctx = _ACTIVE.get()
+        if ctx is None:
+            mu, var = self.running_mean.unsqueeze(0), self.running_var.unsqueeze(0)
+        else:
+            mean, variance = sample_moments(x.float())
+            ctx.moments[self.layer_index] = (mean, variance)
+            mu, var = ctx.statistics(self.layer_index, mean, variance, self)
+        scale = self.weight * torch.rsqrt(var + self.eps)
+        shift = self.bias - scale * mu
+        view = (*scale.shape, *([1] * (x.ndim - 2)))
+        return x * scale.view(view).to(x.dtype) + shift.view(view).to(x.dtype)
+
+    @classmethod
+    def from_batchnorm(cls, layer_index: int, bn: nn.modules.batchnorm._BatchNorm) -> StreamNorm:
+        if bn.running_mean is None or bn.running_var is None:
+            raise ValueError("batch norm without running statistics cannot be a stream norm")
+        return cls(layer_index, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
+
+
+def convert_batchnorm_modules(model: nn.Module) -> list[StreamNorm]:
+    """Replace every BatchNorm2d/3d of `model` in place by a StreamNorm; returns them in order.
+
+    BatchNorm1d layers keep their source statistics (instance statistics of a vector are
+    meaningless), as in UnMix-TNS.
+    """
+    layers: list[StreamNorm] = []
+
+    def visit(parent: nn.Module) -> None:
+        for name, child in parent.named_children():
+            if isinstance(child, nn.BatchNorm2d | nn.BatchNorm3d):
+                layer = StreamNorm.from_batchnorm(len(layers), child)
+                layers.append(layer)
+                setattr(parent, name, layer)
+            else:
+                visit(child)
+
+    visit(model)
+    return layers
+
+
+def stream_norm_layers(model: nn.Module) -> list[StreamNorm]:
+    """The StreamNorm layers of a converted model, ordered by layer index."""
+    layers = [m for m in model.modules() if isinstance(m, StreamNorm)]
+    return sorted(layers, key=lambda m: m.layer_index)

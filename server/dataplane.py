@@ -1,0 +1,334 @@
+"""The dataplane: per-stream state around shared forward passes.
+
+For each batch: read every stream's state in one round trip, run one forward pass per
+policy present, answer each request, and write each stream's next state with
+compare-and-set. A conflict (another replica or request wrote first) re-reads the state
+and re-applies the same update from the recorded moments: no second forward, and the
+answer already computed stays valid. Requests of one stream that meet in one batch are
+normalized with the same (pre-batch) state; their updates are applied in arrival order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from ttaserve.adapters.moments import Segments
+from ttaserve.adapters.policy import AdaptationPolicy, Observation
+from ttaserve.adapters.registry import POLICIES, build_policy
+from ttaserve.server.batcher import PredictJob
+from ttaserve.server.errors import ApiError
+from ttaserve.server.metrics import ServerMetrics
+from ttaserve.server.model_runner import ForwardResult, ModelRunner
+from ttaserve.server.state import (
+    StateMismatch,
+    StreamState,
+    all_finite,
+    decode_state,
+    encode_state,
+)
+from ttaserve.server.stores.base import StateStore, StoredRecord, StoreUnavailable
+
+log = logging.getLogger(__name__)
+CAS_ATTEMPTS = 8
+
+
+@dataclass
+class ImagePrediction:
+    label: int
+    class_name: str
+    score: float
+    top_k: list[dict[str, Any]]
+    open_set: bool
+    open_set_score: float
+
+
+@dataclass
+class PredictOutcome:
+    """What a predict request gets back."""
+
+    predictions: list[ImagePrediction]
+    policy: str
+    samples_seen: int
+    state_version: int
+    degraded: bool = False
+    reset: bool = False
+
+
+@dataclass
+class _RequestUpdate:
+    """What one request contributes to its stream's next state."""
+
+    moments: list[tuple[torch.Tensor, torch.Tensor]]  # accepted samples, per layer
+    probs: torch.Tensor  # accepted samples
+    total: int  # all samples of the request, accepted or not
+
+
+@dataclass
+class _StreamWork:
+    """One stream's part of a batch: its state before, its jobs and their observations."""
+
+    key: str
+    state: StreamState
+    policy: AdaptationPolicy
+    jobs: list[PredictJob] = field(default_factory=list)
+    updates: list[_RequestUpdate] = field(default_factory=list)
+    answers: dict[int, list[ImagePrediction]] = field(default_factory=dict)
+    new_state: StreamState | None = None
+
+
+class DataPlane:
+    """Turns predict jobs into answers and state updates; owns no HTTP."""
+
+    def __init__(
+        self,
+        runner: ModelRunner,
+        store: StateStore,
+        metrics: ServerMetrics,
+        default_policy: str,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if default_policy not in POLICIES:
+            raise ValueError(f"TTASERVE_DEFAULT_POLICY={default_policy!r} is unknown; known: {', '.join(sorted(POLICIES))}")  # fmt: skip
+        self.runner = runner
+        self.store = store
+        self.metrics = metrics
+        self.default_policy = default_policy
+        self._policies = {name: build_policy(name) for name in POLICIES}
+        self._clock = clock
+        self._model_name = runner.model.card.name
+        self._fingerprint = runner.model.card.fingerprint
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ttaserve-forward")
+
+    # --- keys and states -------------------------------------------------------------------
+    def key(self, stream_id: str) -> str:
+        """Store key; the hash tag keeps a stream's keys in one Redis Cluster slot."""
+        return f"ttaserve:{self._model_name}:{{{stream_id}}}"
+
+    def policy(self, name: str) -> AdaptationPolicy:
+        return self._policies[name]
+
+    def fresh_state(self, policy_name: str, previous: StreamState | None = None) -> StreamState:
+        policy = self._policies[policy_name]
+        now = self._clock()
+        return StreamState(
+            policy=policy_name,
+            policy_params=policy.params(),
+            model_fingerprint=self._fingerprint,
+            tensors=policy.init_state(self.runner.source),
+            version=previous.version if previous else 0,
+            resets=previous.resets + 1 if previous else 0,
+            created_at=previous.created_at if previous else now,
+            updated_at=now,
+        )
+
+    def _decode(self, record: StoredRecord | None) -> StreamState | None:
+        if record is None:
+            return None
+        try:
+            state = decode_state(record.data, self._fingerprint)
+        except StateMismatch as exc:
+            log.warning("discarding unusable stream state: %s", exc)
+            self.metrics.state_discarded.inc()
+            return StreamState("", {}, self._fingerprint, {}, version=record.version)
+        if state.policy not in self._policies:
+            return StreamState("", {}, self._fingerprint, {}, version=record.version)
+        return replace(state, version=record.version)
+
+    async def read_state(self, stream_id: str) -> StreamState | None:
+        """The stream's stored state (None if absent or unusable)."""
+        with self.metrics.store_latency("get"):
+            (record,) = await self.store.get_many([self.key(stream_id)])
+        state = self._decode(record)
+        return state if state is not None and state.policy else None
+
+    # --- batch processing ------------------------------------------------------------------
+    async def process_batch(self, jobs: list[PredictJob]) -> None:
+        """Answer every job of a batch (the batcher's handler)."""
+        started = time.perf_counter()
+        for job in jobs:
+            self.metrics.queue_wait.observe(started - job.enqueued_at)
+        keys = list(dict.fromkeys(self.key(j.stream_id) for j in jobs))
+        degraded = False
+        try:
+            with self.metrics.store_latency("get"):
+                records = await self.store.get_many(keys)
+        except StoreUnavailable:
+            degraded, records = True, [None] * len(keys)
+            self.metrics.store_errors.labels(operation="get").inc()
+        stored = {k: self._decode(r) for k, r in zip(keys, records, strict=True)}
+        work: dict[str, _StreamWork] = {}
+        for job in jobs:
+            self._assign(job, stored, work)
+        by_policy: dict[str, list[_StreamWork]] = {}
+        for w in work.values():
+            by_policy.setdefault(w.policy.name, []).append(w)
+        loop = asyncio.get_running_loop()
+        for group in by_policy.values():
+            try:
+                await loop.run_in_executor(self._executor, self._forward_and_update, group)
+            except Exception as exc:
+                log.exception("forward pass failed")
+                for w in group:
+                    for job in w.jobs:
+                        if not job.future.done():
+                            job.future.set_exception(ApiError("inference_failed", f"inference failed: {exc}", 500))  # fmt: skip
+                    w.new_state = None
+                    w.jobs = []
+        for w in work.values():
+            if w.jobs:
+                await self._commit(w, degraded)
+        self.metrics.batch_images.observe(sum(j.size for j in jobs))
+        self.metrics.batch_requests.observe(len(jobs))
+
+    def _assign(self, job: PredictJob, stored: dict[str, StreamState | None], work: dict[str, _StreamWork]) -> None:  # fmt: skip
+        key = self.key(job.stream_id)
+        if key not in work:
+            state = stored[key]
+            if state is None or not state.policy:
+                state = self.fresh_state(job.requested_policy or self.default_policy)
+                state = replace(state, version=stored[key].version if stored[key] else 0, resets=0)
+            work[key] = _StreamWork(key, state, self._policies[state.policy])
+        w = work[key]
+        if job.requested_policy and job.requested_policy != w.state.policy:
+            job.future.set_exception(ApiError(
+                "policy_conflict",
+                f"stream {job.stream_id!r} uses policy {w.state.policy!r}; reset it with "
+                f"?policy={job.requested_policy} to change",
+                409,
+            ))  # fmt: skip
+            return
+        w.jobs.append(job)
+
+    def _forward_and_update(self, group: list[_StreamWork]) -> None:
+        """Runs in the forward thread: one forward pass for all jobs of one policy."""
+        policy = group[0].policy
+        order = sorted(((w, job) for w in group for job in w.jobs), key=lambda p: p[1].enqueued_at)
+        x = torch.cat([job.pixels for _, job in order])
+        segments = Segments.from_sizes([job.size for _, job in order])
+        started = time.perf_counter()
+        result = self.runner.forward(x, segments, policy, [w.state.tensors for w, _ in order])
+        self.metrics.forward_seconds.observe(time.perf_counter() - started)
+        offset = 0
+        for w, job in order:
+            rows = slice(offset, offset + job.size)
+            offset += job.size
+            w.answers[id(job)] = self._predictions(result, rows, job.top_k)
+            accepted = result.gate.accepted[rows]
+            w.updates.append(_RequestUpdate(
+                moments=[(m[rows][accepted], v[rows][accepted]) for m, v in result.moments],
+                probs=result.probs[rows][accepted],
+                total=job.size,
+            ))  # fmt: skip
+        for w in group:
+            w.new_state = self._apply(w.state, w.policy, w.updates)
+
+    def _apply(self, state: StreamState, policy: AdaptationPolicy, updates: list[_RequestUpdate]) -> StreamState:  # fmt: skip
+        """Pure: the state after applying request updates in order (re-run on CAS conflict)."""
+        tensors, seen = state.tensors, state.samples_seen
+        for update in updates:
+            obs = Observation(moments=update.moments, probs=update.probs, samples_seen=seen)
+            candidate = policy.update(tensors, obs, self.runner.source)
+            if all_finite(candidate):
+                tensors = candidate
+            else:
+                self.metrics.nonfinite_updates.inc()
+            seen += update.total
+        return replace(
+            state,
+            tensors=tensors,
+            version=state.version + 1,
+            samples_seen=seen,
+            updates=state.updates + len(updates),
+            updated_at=self._clock(),
+        )
+
+    def _predictions(self, result: ForwardResult, rows: slice, top_k: int) -> list[ImagePrediction]:
+        names = self.runner.model.card.class_names
+        probs = result.probs[rows]
+        k = min(top_k, probs.shape[1])
+        scores, labels = probs.topk(k, dim=1)
+        out = []
+        for i in range(probs.shape[0]):
+            top = [
+                {"label": int(c), "class_name": names[int(c)], "score": float(s)}
+                for s, c in zip(scores[i], labels[i], strict=True)
+            ]
+            out.append(ImagePrediction(
+                label=top[0]["label"], class_name=top[0]["class_name"], score=top[0]["score"],
+                top_k=top,
+                open_set=bool(result.gate.open_set[rows][i]),
+                open_set_score=float(result.gate.open_set_score[rows][i]),
+            ))  # fmt: skip
+        return out
+
+    async def _commit(self, w: _StreamWork, degraded: bool) -> None:
+        """Write the stream's next state with compare-and-set, then answer its jobs."""
+        final = w.new_state
+        if final is not None and not degraded:
+            final, degraded = await self._write_with_retry(w, final)
+        shown = final or w.state
+        for job in w.jobs:
+            if job.future.done():
+                continue
+            job.future.set_result(PredictOutcome(
+                predictions=w.answers[id(job)],
+                policy=shown.policy,
+                samples_seen=shown.samples_seen,
+                state_version=shown.version,
+                degraded=degraded,
+            ))  # fmt: skip
+            self.metrics.images.labels(policy=shown.policy).inc(job.size)
+
+    async def _write_with_retry(self, w: _StreamWork, new: StreamState) -> tuple[StreamState | None, bool]:  # fmt: skip
+        expected = w.state.version
+        for _ in range(CAS_ATTEMPTS):
+            try:
+                with self.metrics.store_latency("cas"):
+                    ok = await self.store.compare_and_set(w.key, expected, StoredRecord(new.version, encode_state(new)))  # fmt: skip
+                if ok:
+                    self.metrics.state_updates.labels(policy=new.policy).inc()
+                    return new, False
+                self.metrics.cas_conflicts.inc()
+                with self.metrics.store_latency("get"):
+                    (record,) = await self.store.get_many([w.key])
+            except StoreUnavailable:
+                self.metrics.store_errors.labels(operation="cas").inc()
+                return new, True
+            current = self._decode(record)
+            if current is None or current.policy != w.state.policy:
+                # deleted or reset to another policy meanwhile: this update no longer applies
+                return current if current and current.policy else None, False
+            expected = current.version
+            new = self._apply(current, w.policy, w.updates)
+        log.warning("giving up on a state update after %d conflicts", CAS_ATTEMPTS)
+        return None, False
+
+    # --- stream management -----------------------------------------------------------------
+    async def reset(self, stream_id: str, policy_name: str | None) -> StreamState:
+        """Return a stream to the source model (optionally switching its policy)."""
+        key = self.key(stream_id)
+        for _ in range(CAS_ATTEMPTS):
+            (record,) = await self.store.get_many([key])
+            current = self._decode(record)
+            name = policy_name or (current.policy if current and current.policy else self.default_policy)  # fmt: skip
+            fresh = self.fresh_state(name, current if current and current.policy else None)
+            expected = record.version if record else 0
+            fresh = replace(fresh, version=expected + 1)
+            if await self.store.compare_and_set(key, expected, StoredRecord(fresh.version, encode_state(fresh))):  # fmt: skip
+                self.metrics.resets.labels(reason="client").inc()
+                return fresh
+        raise ApiError("conflict", "the stream is being updated too often to reset; retry", 409)
+
+    async def delete(self, stream_id: str) -> bool:
+        return await self.store.delete(self.key(stream_id))
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)

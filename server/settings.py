@@ -1,0 +1,46 @@
+"""Server configuration: one typed settings object, read once from `TTASERVE_*` variables."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+BUNDLED_MODEL = "cifar10-resnet20"
+
+
+def bundled_model_path() -> Path:
+    """The demo model package shipped with ttaserve."""
+    return Path(str(resources.files("ttaserve.models") / BUNDLED_MODEL))
+
+
+class Settings(BaseSettings):
+    """Everything the server can be told; passed down explicitly, never re-read."""
+
+    model_config = SettingsConfigDict(env_prefix="TTASERVE_", extra="ignore")
+
+    model: Path = Field(default_factory=bundled_model_path, description="model package folder")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    default_policy: str = "bn"
+    log_level: str = "info"
+
+    # input limits
+    max_body_bytes: int = Field(16 * 1024 * 1024, gt=0)
+    max_image_pixels: int = Field(16_000_000, gt=0)
+    max_images_per_request: int = Field(256, gt=0)
+    top_k: int = Field(5, ge=1)
+
+    # batching
+    max_batch_size: int = Field(128, ge=1, description="images per forward pass")
+    max_batch_wait_ms: float = Field(2.0, ge=0)
+    max_queue_images: int = Field(4096, ge=1, description="queued images before 503")
+    torch_threads: int = Field(0, ge=0, description="0: torch's default")
+
+    # state
+    redis_url: str | None = None
+    stream_ttl_seconds: float = Field(7 * 24 * 3600, gt=0)
+    max_streams: int = Field(100_000, ge=1, description="in-process store LRU bound")
+    max_groups: int = Field(32, ge=1, description="distinct X-Stream-Group metric labels")

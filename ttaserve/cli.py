@@ -1,0 +1,112 @@
+"""The `ttaserve` command: serve, package, train-demo (and the benchmarks)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from ttaserve.server.app import create_app
+    from ttaserve.server.settings import Settings
+
+    overrides = {k: v for k, v in {"model": args.model, "host": args.host, "port": args.port, "default_policy": args.policy}.items() if v is not None}  # fmt: skip
+    settings = Settings(**overrides)
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, timeout_graceful_shutdown=30)  # fmt: skip
+    return 0
+
+
+def _read_classes(value: str) -> list[str]:
+    path = Path(value)
+    if path.is_file():
+        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return [c.strip() for c in value.split(",") if c.strip()]
+
+
+def _floats(value: str) -> list[float]:
+    return [float(v) for v in value.split(",")]
+
+
+def _package(args: argparse.Namespace) -> int:
+    from safetensors.torch import load_file
+
+    from ttaserve.server.model_package import InputSpec, calibrate_package, write_package
+
+    classes = _read_classes(args.classes)
+    spec = InputSpec(height=args.height, width=args.width, channels=args.channels, mean=_floats(args.mean), std=_floats(args.std), resize=args.resize)  # fmt: skip
+    weights = Path(args.weights)
+    common = {"name": args.name, "input_spec": spec, "class_names": classes, "provenance": {"packaged_from": weights.name}}  # fmt: skip
+    if weights.suffix == ".pt2":
+        write_package(args.out, exported_program=weights, **common)
+    elif weights.suffix == ".safetensors":
+        if not args.architecture:
+            sys.exit("--architecture is required with a .safetensors state_dict")
+        write_package(args.out, state_dict=load_file(weights), architecture=args.architecture, **common)  # fmt: skip
+    else:
+        sys.exit("--weights must be a torch.export .pt2 file or a .safetensors state_dict")
+    if args.calibration_data:
+        with np.load(args.calibration_data, allow_pickle=False) as data:
+            calibration = calibrate_package(args.out, data["x"], data["y"])
+        print(json.dumps(calibration.model_dump(), indent=2))
+    print(f"wrote model package {args.out}")
+    return 0
+
+
+def _train_demo(args: argparse.Namespace) -> int:
+    from ttaserve.demo_model import train_demo_model
+    from ttaserve.training import TrainConfig
+
+    cfg = TrainConfig(epochs=args.epochs, threads=args.threads)
+    accuracy = train_demo_model(Path(args.data), Path(args.out), Path(args.work), cfg)
+    print(f"demo model written to {args.out}: CIFAR-10 test accuracy {accuracy:.4f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ttaserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve a model package over HTTP")
+    serve.add_argument("--model", help="model package folder (default: the bundled demo model)")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--policy", help="default adaptation policy")
+    serve.set_defaults(func=_serve)
+
+    package = sub.add_parser("package", help="build a model package from a .pt2 or state_dict")
+    package.add_argument("--weights", required=True, help="torch.export .pt2, or .safetensors state_dict")  # fmt: skip
+    package.add_argument("--architecture", help="registered architecture of a state_dict")
+    package.add_argument("--classes", required=True, help="class names: a comma list or a file, one per line")  # fmt: skip
+    package.add_argument("--mean", required=True, help="per-channel mean, e.g. 0.485,0.456,0.406")
+    package.add_argument("--std", required=True, help="per-channel std")
+    package.add_argument("--height", type=int, required=True)
+    package.add_argument("--width", type=int, required=True)
+    package.add_argument("--channels", type=int, default=3)
+    package.add_argument("--resize", default="resize", choices=["resize", "center_crop", "exact"])
+    package.add_argument("--name", required=True, help="model name ([A-Za-z0-9._-])")
+    package.add_argument("--calibration-data", help="labelled held-out npz (x uint8 NHWC, y) to calibrate on")  # fmt: skip
+    package.add_argument("--out", required=True, help="package folder to write")
+    package.set_defaults(func=_package)
+
+    train = sub.add_parser("train-demo", help="train and package the bundled CIFAR-10 demo model")
+    train.add_argument("--data", required=True, help="folder with train.npz and test.npz")
+    train.add_argument("--out", default="models/cifar10-resnet20", help="package folder to write")
+    train.add_argument("--work", default=".cache/train-demo", help="checkpoint folder (resumable)")
+    train.add_argument("--epochs", type=int, default=70)
+    train.add_argument("--threads", type=int, default=0)
+    train.set_defaults(func=_train_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    args = build_parser().parse_args(argv)
+    sys.exit(args.func(args))
