@@ -25,14 +25,14 @@ from ttaserve.adapters.registry import POLICIES
 from ttaserve.server.batcher import CrossStreamBatcher, PredictJob
 from ttaserve.server.dataplane import DataPlane, PredictOutcome
 from ttaserve.server.decoding import DecodeLimits, decode_image, images_to_tensor
-from ttaserve.server.errors import ApiError, InvalidInput, Overloaded
+from ttaserve.server.errors import ApiError, InvalidInputError, OverloadedError
 from ttaserve.server.metrics import ServerMetrics
 from ttaserve.server.model_package import LoadedModel, load_package
 from ttaserve.server.model_runner import ModelRunner
 from ttaserve.server.request_body import extract_images
 from ttaserve.server.settings import Settings
 from ttaserve.server.state import StreamState, encode_state
-from ttaserve.server.stores.base import StateStore, StoreUnavailable
+from ttaserve.server.stores.base import StateStore, StoreUnavailableError
 from ttaserve.server.stores.memory import InMemoryStateStore
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def build_store(settings: Settings) -> StateStore:
 
 def _check_policy(name: str | None) -> str | None:
     if name is not None and name not in POLICIES:
-        raise InvalidInput("unknown_policy", f"unknown policy {name!r}; known: {', '.join(sorted(POLICIES))}")  # fmt: skip
+        raise InvalidInputError("unknown_policy", f"unknown policy {name!r}; known: {', '.join(sorted(POLICIES))}")  # fmt: skip
     return name
 
 
@@ -84,7 +84,7 @@ def _outcome_json(outcome: PredictOutcome) -> dict[str, Any]:
     }
 
 
-def create_app(
+def create_app(  # noqa: C901 - a factory of small route closures
     settings: Settings | None = None,
     model: LoadedModel | None = None,
     store: StateStore | None = None,
@@ -137,7 +137,7 @@ def create_app(
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
-        headers = {"Retry-After": str(int(exc.retry_after_s))} if isinstance(exc, Overloaded) else None  # fmt: skip
+        headers = {"Retry-After": str(int(exc.retry_after_s))} if isinstance(exc, OverloadedError) else None  # fmt: skip
         return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
@@ -181,7 +181,7 @@ def create_app(
         _check_policy(policy)
         try:
             state = await dataplane.reset(stream_id, policy)
-        except StoreUnavailable as exc:
+        except StoreUnavailableError as exc:
             raise ApiError("store_unavailable", f"state store unavailable: {exc}", 503) from exc
         await _refresh_stream_count()
         return _summary(stream_id, state)
@@ -191,7 +191,7 @@ def create_app(
         """The stream's adaptation summary."""
         try:
             state = await dataplane.read_state(stream_id)
-        except StoreUnavailable as exc:
+        except StoreUnavailableError as exc:
             raise ApiError("store_unavailable", f"state store unavailable: {exc}", 503) from exc
         if state is None:
             raise ApiError("stream_not_found", f"stream {stream_id!r} has no state", 404)
@@ -202,7 +202,7 @@ def create_app(
         """Forget the stream's state."""
         try:
             existed = await dataplane.delete(stream_id)
-        except StoreUnavailable as exc:
+        except StoreUnavailableError as exc:
             raise ApiError("store_unavailable", f"state store unavailable: {exc}", 503) from exc
         if not existed:
             raise ApiError("stream_not_found", f"stream {stream_id!r} has no state", 404)
@@ -230,7 +230,7 @@ def create_app(
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def _refresh_stream_count() -> None:
-        with contextlib.suppress(StoreUnavailable):
+        with contextlib.suppress(StoreUnavailableError):
             metrics.active_streams.set(await store.count())
 
     return app

@@ -2,7 +2,7 @@
 
 Jobs of any streams wait at most `max_wait_s` after the first one arrives, and a batch
 holds at most `max_batch_images` images (a single larger job forms a batch alone).
-The queue is bounded in images: past `max_queue_images` a submit fails with `Overloaded`.
+The queue is bounded in images: past `max_queue_images` a submit fails with `OverloadedError`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ttaserve.server.errors import Overloaded
+from ttaserve.server.errors import OverloadedError
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class CrossStreamBatcher:
         if self._task is None:
             raise RuntimeError("batcher is not running")
         if self._queued_images + job.size > self._max_queue and self._queued_images > 0:
-            raise Overloaded(retry_after_s=max(1.0, self._max_wait))
+            raise OverloadedError(retry_after_s=max(1.0, self._max_wait))
         self._queued_images += job.size
         self._queue.put_nowait(job)
         return await job.future

@@ -28,13 +28,13 @@ from ttaserve.server.errors import ApiError
 from ttaserve.server.metrics import ServerMetrics
 from ttaserve.server.model_runner import ForwardResult, ModelRunner
 from ttaserve.server.state import (
-    StateMismatch,
+    StateMismatchError,
     StreamState,
     all_finite,
     decode_state,
     encode_state,
 )
-from ttaserve.server.stores.base import StateStore, StoredRecord, StoreUnavailable
+from ttaserve.server.stores.base import StateStore, StoredRecord, StoreUnavailableError
 
 log = logging.getLogger(__name__)
 CAS_ATTEMPTS = 8
@@ -134,7 +134,7 @@ class DataPlane:
             return None
         try:
             state = decode_state(record.data, self._fingerprint)
-        except StateMismatch as exc:
+        except StateMismatchError as exc:
             log.warning("discarding unusable stream state: %s", exc)
             self.metrics.state_discarded.inc()
             return StreamState("", {}, self._fingerprint, {}, version=record.version)
@@ -160,7 +160,7 @@ class DataPlane:
         try:
             with self.metrics.store_latency("get"):
                 records = await self.store.get_many(keys)
-        except StoreUnavailable:
+        except StoreUnavailableError:
             degraded, records = True, [None] * len(keys)
             self.metrics.store_errors.labels(operation="get").inc()
         stored = {k: self._decode(r) for k, r in zip(keys, records, strict=True)}
@@ -299,7 +299,7 @@ class DataPlane:
                 self.metrics.cas_conflicts.inc()
                 with self.metrics.store_latency("get"):
                     (record,) = await self.store.get_many([w.key])
-            except StoreUnavailable:
+            except StoreUnavailableError:
                 self.metrics.store_errors.labels(operation="cas").inc()
                 return new, True
             current = self._decode(record)

@@ -1,6 +1,6 @@
 """Decoding and validation of request images. Nothing here touches stream state.
 
-Every failure raises `InvalidInput` with a message a client can act on; the route turns
+Every failure raises `InvalidInputError` with a message a client can act on; the route turns
 it into a 4xx JSON error before the request reaches the batcher.
 """
 
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from ttaserve.server.errors import InvalidInput
+from ttaserve.server.errors import InvalidInputError
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never half an image
 ResizePolicy = Literal["resize", "center_crop", "exact"]
@@ -34,9 +34,9 @@ class DecodeLimits:
 def _check_size(img: Image.Image, index: int, limits: DecodeLimits) -> None:
     width, height = img.size
     if width < 1 or height < 1:
-        raise InvalidInput("invalid_image", f"image {index}: empty image")
+        raise InvalidInputError("invalid_image", f"image {index}: empty image")
     if width * height > limits.max_pixels:
-        raise InvalidInput(
+        raise InvalidInputError(
             "image_too_large",
             f"image {index}: {width}x{height} = {width * height} pixels exceeds the limit "
             f"of {limits.max_pixels} (TTASERVE_MAX_IMAGE_PIXELS)",
@@ -47,7 +47,7 @@ def _check_size(img: Image.Image, index: int, limits: DecodeLimits) -> None:
 def _to_channels(img: Image.Image, index: int, channels: int) -> Image.Image:
     have = _CHANNELS_BY_MODE.get(img.mode)
     if have != channels:
-        raise InvalidInput(
+        raise InvalidInputError(
             "wrong_channel_count",
             f"image {index}: has {have if have is not None else 'unknown'} channels "
             f"(mode {img.mode}), the model expects {channels}",
@@ -61,7 +61,7 @@ def _fit(
     if img.size == (width, height):
         return img
     if policy == "exact":
-        raise InvalidInput(
+        raise InvalidInputError(
             "wrong_image_size",
             f"image {index}: is {img.size[0]}x{img.size[1]}, the model expects {width}x{height}",
         )
@@ -84,21 +84,25 @@ def decode_image(
 ) -> np.ndarray:
     """Decode one PNG/JPEG to a uint8 (H, W, C) array of the model's input size."""
     if not data:
-        raise InvalidInput("empty_image", f"image {index}: empty")
+        raise InvalidInputError("empty_image", f"image {index}: empty")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             if img.format not in _ACCEPTED_FORMATS:
-                raise InvalidInput("unsupported_format", f"image {index}: format {img.format} is not PNG or JPEG")  # fmt: skip
+                raise InvalidInputError("unsupported_format", f"image {index}: format {img.format} is not PNG or JPEG")  # fmt: skip
             _check_size(img, index, limits)
             img.load()
-    except InvalidInput:
+    except InvalidInputError:
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # fmt: skip
-        raise InvalidInput("invalid_image", f"image {index}: cannot be decoded ({exc})") from exc
+        raise InvalidInputError(
+            "invalid_image", f"image {index}: cannot be decoded ({exc})"
+        ) from exc
     except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data
-        raise InvalidInput("invalid_image", f"image {index}: corrupt or truncated ({exc})") from exc
+        raise InvalidInputError(
+            "invalid_image", f"image {index}: corrupt or truncated ({exc})"
+        ) from exc
     img = _fit(_to_channels(img, index, channels), index, height, width, resize)
     array = np.asarray(img, dtype=np.uint8)
     return array[:, :, None] if array.ndim == 2 else array

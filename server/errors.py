@@ -16,14 +16,14 @@ class ApiError(Exception):
         return {"error": {"code": self.code, "message": self.message}}
 
 
-class InvalidInput(ApiError):
+class InvalidInputError(ApiError):
     """The request's content is unusable (bad image, wrong shape, over a limit)."""
 
     def __init__(self, code: str, message: str, status: int = 422) -> None:
         super().__init__(code, message, status)
 
 
-class Overloaded(ApiError):
+class OverloadedError(ApiError):
     """The queue is full; the client should retry later."""
 
     def __init__(self, retry_after_s: float) -> None:

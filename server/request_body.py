@@ -9,7 +9,7 @@ import json
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
-from ttaserve.server.errors import ApiError, InvalidInput
+from ttaserve.server.errors import ApiError, InvalidInputError
 
 RAW_IMAGE_TYPES = {"image/png", "image/jpeg", "image/jpg"}
 
@@ -41,7 +41,7 @@ async def extract_images(request: Request, max_bytes: int, max_images: int) -> l
     media = _media_type(request)
     body = await read_limited_body(request, max_bytes)
     if not body:
-        raise InvalidInput("empty_body", "the request body is empty")
+        raise InvalidInputError("empty_body", "the request body is empty")
     if media in RAW_IMAGE_TYPES:
         images = [body]
     elif media == "multipart/form-data":
@@ -56,9 +56,9 @@ async def extract_images(request: Request, max_bytes: int, max_images: int) -> l
             415,
         )
     if not images:
-        raise InvalidInput("no_images", "the request holds no images")
+        raise InvalidInputError("no_images", "the request holds no images")
     if len(images) > max_images:
-        raise InvalidInput("too_many_images", f"{len(images)} images exceed the limit of {max_images} per request (TTASERVE_MAX_IMAGES_PER_REQUEST)", 413)  # fmt: skip
+        raise InvalidInputError("too_many_images", f"{len(images)} images exceed the limit of {max_images} per request (TTASERVE_MAX_IMAGES_PER_REQUEST)", 413)  # fmt: skip
     return images
 
 
@@ -67,15 +67,15 @@ async def _multipart_images(request: Request, body: bytes, max_images: int) -> l
     try:
         form = await request.form(max_files=max_images + 1, max_fields=max_images + 16)
     except Exception as exc:  # malformed multipart: starlette raises several types
-        raise InvalidInput("invalid_multipart", f"malformed multipart body: {exc}") from exc
+        raise InvalidInputError("invalid_multipart", f"malformed multipart body: {exc}") from exc
     images = []
     for item in form.getlist("images"):
         if not isinstance(item, UploadFile):
-            raise InvalidInput("invalid_multipart", "the 'images' field must hold files")
+            raise InvalidInputError("invalid_multipart", "the 'images' field must hold files")
         images.append(await item.read())
     await form.close()
     if not images:
-        raise InvalidInput("no_images", "multipart body has no files in the 'images' field")
+        raise InvalidInputError("no_images", "multipart body has no files in the 'images' field")
     return images
 
 
@@ -83,16 +83,16 @@ def _json_images(body: bytes) -> list[bytes]:
     try:
         payload = json.loads(body)
     except ValueError as exc:
-        raise InvalidInput("invalid_json", f"body is not valid JSON: {exc}") from exc
+        raise InvalidInputError("invalid_json", f"body is not valid JSON: {exc}") from exc
     items = payload.get("images") if isinstance(payload, dict) else None
     if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
-        raise InvalidInput("invalid_json", 'JSON body must be {"images": ["<base64>", ...]}')
+        raise InvalidInputError("invalid_json", 'JSON body must be {"images": ["<base64>", ...]}')
     images = []
     for index, item in enumerate(items):
         try:
             images.append(base64.b64decode(item.split(",", 1)[-1] if item.startswith("data:") else item, validate=True))  # fmt: skip
         except (binascii.Error, ValueError) as exc:
-            raise InvalidInput(
+            raise InvalidInputError(
                 "invalid_base64", f"image {index}: not valid base64 ({exc})"
             ) from exc
     return images

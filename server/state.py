@@ -3,7 +3,7 @@
 A record is a flat dict of named float32 tensors (the policy's state) plus a small JSON
 header, written as one safetensors blob: the header rides in the safetensors metadata.
 A blob whose schema version or model fingerprint does not match is treated as a fresh
-stream by the caller (`decode_state` raises `StateMismatch`), never a crash.
+stream by the caller (`decode_state` raises `StateMismatchError`), never a crash.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ SCHEMA_VERSION = 1
 _HEADER_KEY = "ttaserve"
 
 
-class StateMismatch(ValueError):
+class StateMismatchError(ValueError):
     """The blob is not a usable state for this server (other schema, other model, corrupt)."""
 
 
@@ -86,30 +86,30 @@ def encode_state(state: StreamState) -> bytes:
 
 def _read_header(blob: bytes) -> dict[str, Any]:
     if len(blob) < 8:
-        raise StateMismatch("state blob too short")
+        raise StateMismatchError("state blob too short")
     (length,) = struct.unpack("<Q", blob[:8])
     if length > len(blob) - 8:
-        raise StateMismatch("state blob header length out of range")
+        raise StateMismatchError("state blob header length out of range")
     try:
         meta = json.loads(blob[8 : 8 + length])["__metadata__"][_HEADER_KEY]
         return json.loads(meta)
     except (KeyError, TypeError, ValueError) as exc:
-        raise StateMismatch(f"state blob has no ttaserve header: {exc}") from exc
+        raise StateMismatchError(f"state blob has no ttaserve header: {exc}") from exc
 
 
 def decode_state(blob: bytes, model_fingerprint: str) -> StreamState:
     """Deserialize a blob written by `encode_state` for the model `model_fingerprint`."""
     header = _read_header(blob)
     if header.get("schema") != SCHEMA_VERSION:
-        raise StateMismatch(f"state schema {header.get('schema')} != {SCHEMA_VERSION}")
+        raise StateMismatchError(f"state schema {header.get('schema')} != {SCHEMA_VERSION}")
     if header.get("model_fingerprint") != model_fingerprint:
-        raise StateMismatch("state was written for another model")
+        raise StateMismatchError("state was written for another model")
     try:
         tensors = st_load(blob)
     except Exception as exc:  # safetensors raises its own error types
-        raise StateMismatch(f"corrupt state tensors: {exc}") from exc
+        raise StateMismatchError(f"corrupt state tensors: {exc}") from exc
     if not all_finite(tensors):
-        raise StateMismatch("state holds non-finite values")
+        raise StateMismatchError("state holds non-finite values")
     return StreamState(
         policy=header["policy"],
         policy_params=header["policy_params"],

@@ -19,7 +19,7 @@ class StoredRecord:
     data: bytes
 
 
-class StoreUnavailable(RuntimeError):
+class StoreUnavailableError(RuntimeError):
     """The store cannot be reached; callers degrade instead of failing the request."""
 
 
