@@ -37,6 +37,17 @@ class ServerMetrics:
         self.store_seconds = Histogram("ttaserve_state_store_duration_seconds", "State store operation latency", ["operation"], buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
         self.store_errors = Counter("ttaserve_state_store_errors_total", "State store operations that failed", ["operation"], registry=r)  # fmt: skip
         self.active_streams = Gauge("ttaserve_active_streams", "Streams with a stored state", registry=r)  # fmt: skip
+        self.degraded = Counter("ttaserve_degraded_responses_total", "Requests answered without the shared state store", registry=r)  # fmt: skip
+        # drift and adaptation per stream group (X-Stream-Group, bounded; overflow -> "other")
+        self.group_images = Counter("ttaserve_group_images_total", "Images predicted per stream group", ["group"], registry=r)  # fmt: skip
+        self.group_filtered = Counter("ttaserve_group_samples_filtered_total", "Samples the reliability gate kept from updating state", ["group"], registry=r)  # fmt: skip
+        self.group_open_set = Counter("ttaserve_group_samples_open_set_total", "Samples flagged as open-set (unknown class)", ["group"], registry=r)  # fmt: skip
+        self.group_bn_distance = Gauge("ttaserve_group_bn_statistics_distance", "Mean standardized distance of the group's adapted BN statistics from the source statistics", ["group"], registry=r)  # fmt: skip
+        self.group_entropy = Gauge("ttaserve_group_prediction_entropy_nats", "EMA of mean prediction entropy of the group's samples", ["group"], registry=r)  # fmt: skip
+        self.group_label_shift = Gauge("ttaserve_group_label_shift_tv", "Total variation between the group's estimated label prior and the source prior", ["group"], registry=r)  # fmt: skip
+        self.group_accuracy = Gauge("ttaserve_group_estimated_accuracy_ratio", "Label-free accuracy estimate (ATC calibrated on source data)", ["group"], registry=r)  # fmt: skip
+        self.source_entropy = Gauge("ttaserve_source_prediction_entropy_nats", "Mean prediction entropy on held-out source data (calibration baseline)", registry=r)  # fmt: skip
+        self.source_accuracy = Gauge("ttaserve_source_accuracy_ratio", "Accuracy on held-out source data (calibration)", registry=r)  # fmt: skip
         self.queued_images = Gauge("ttaserve_queued_images", "Images waiting for a forward pass", registry=r)  # fmt: skip
 
     @contextlib.contextmanager

@@ -70,6 +70,14 @@ def _train_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    if args.kind == "accuracy":
+        from ttaserve.bench.accuracy import main as bench_main
+    else:
+        from ttaserve.clients.bench_serve import main as bench_main
+    return bench_main(args.options)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ttaserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -103,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=int, default=70)
     train.add_argument("--threads", type=int, default=0)
     train.set_defaults(func=_train_demo)
+
+    bench = sub.add_parser("bench", help="benchmarks: 'accuracy' (adaptation) or 'serve' (throughput)")  # fmt: skip
+    bench.add_argument("kind", choices=["accuracy", "serve"])
+    bench.add_argument("options", nargs=argparse.REMAINDER, help="options of the benchmark (see --help)")  # fmt: skip
+    bench.set_defaults(func=_bench)
     return parser
 
 

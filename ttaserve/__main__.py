@@ -1,0 +1,3 @@
+from ttaserve.cli import main
+
+main()

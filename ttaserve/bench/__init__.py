@@ -1,0 +1,1 @@
+"""Benchmarks run in-process (accuracy of the adaptation policies)."""
