@@ -95,7 +95,9 @@ def decode_image(
             img.load()
     except InvalidInputError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # fmt: skip
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InvalidInputError("image_too_large", f"image {index}: {exc}", status=413) from exc
+    except UnidentifiedImageError as exc:
         raise InvalidInputError(
             "invalid_image", f"image {index}: cannot be decoded ({exc})"
         ) from exc

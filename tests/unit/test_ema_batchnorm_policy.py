@@ -1,0 +1,88 @@
+import torch
+
+from ttaserve.adapters.moments import Segments
+from ttaserve.adapters.policy import Observation
+from ttaserve.adapters.registry import build_policy
+from ttaserve.server.model_runner import ModelRunner
+
+
+def _forward(runner, policy, x, states, sizes):
+    return runner.forward(x, Segments.from_sizes(sizes), policy, states)
+
+
+def _observe(result, rows, seen):
+    return Observation(
+        moments=[(m[rows], v[rows]) for m, v in result.moments],
+        probs=result.probs[rows],
+        samples_seen=seen,
+    )
+
+
+def _shifted(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 32, 32, generator=g) * 0.4 + 1.5  # a covariate shift
+
+
+def test_alpha_zero_reproduces_source_exactly_even_after_updates(random_model):
+    runner = ModelRunner(random_model)
+    source, frozen_bn = build_policy("source"), build_policy("bn", alpha=0.0)
+    state = frozen_bn.init_state(runner.source)
+    for step in range(3):  # the stream's statistics move, alpha=0 must ignore them
+        x = _shifted(8, step)
+        result = _forward(runner, frozen_bn, x, [state], [8])
+        state = frozen_bn.update(state, _observe(result, slice(0, 8), 8 * step), runner.source)
+    x = _shifted(5, 99)
+    expected = _forward(runner, source, x, [{}], [5]).logits
+    assert torch.equal(_forward(runner, frozen_bn, x, [state], [5]).logits, expected)
+
+
+def test_requests_batched_together_equal_requests_alone(random_model):
+    runner, policy = ModelRunner(random_model), build_policy("bn")
+    fresh = policy.init_state(runner.source)
+    other = {k: v * 1.1 for k, v in fresh.items()}  # a second stream with other statistics
+    a, b = _shifted(3, 1), torch.randn(2, 3, 32, 32)
+    together = _forward(runner, policy, torch.cat([a, b]), [fresh, other], [3, 2])
+    alone_a = _forward(runner, policy, a, [fresh], [3])
+    alone_b = _forward(runner, policy, b, [other], [2])
+    torch.testing.assert_close(together.logits[:3], alone_a.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(together.logits[3:], alone_b.logits, atol=1e-5, rtol=1e-5)
+    for (m, v), (ma, va) in zip(together.moments, alone_a.moments, strict=True):
+        torch.testing.assert_close(m[:3], ma, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(v[:3], va, atol=1e-5, rtol=1e-5)
+
+
+def test_single_image_stream_moves_statistics_towards_the_target(random_model):
+    runner, policy = ModelRunner(random_model), build_policy("bn")
+    state = initial = policy.init_state(runner.source)
+    target = _shifted(64, 7)
+    truth = _forward(runner, build_policy("bn", request_prior=0.0), target, [initial], [64])
+    true_mean = truth.moments[0][0].mean(0)  # first layer: its input does not depend on state
+    for i in range(40):
+        result = _forward(runner, policy, target[i : i + 1], [state], [1])
+        state = policy.update(state, _observe(result, slice(0, 1), i), runner.source)
+    before = (initial["bn.0.mean"] - true_mean).norm()
+    after = (state["bn.0.mean"] - true_mean).norm()
+    assert after < 0.5 * before
+    assert all(torch.isfinite(t).all() for t in state.values())
+
+
+def test_update_is_pure_and_constant_black_images_keep_state_finite(random_model):
+    runner, policy = ModelRunner(random_model), build_policy("bn")
+    state = policy.init_state(runner.source)
+    snapshot = {k: v.clone() for k, v in state.items()}
+    black = torch.full((4, 3, 32, 32), -2.0)  # a black image after normalization
+    result = _forward(runner, policy, black, [state], [4])
+    new = policy.update(state, _observe(result, slice(0, 4), 0), runner.source)
+    assert all(torch.equal(state[k], snapshot[k]) for k in state)
+    assert all(torch.isfinite(t).all() for t in new.values())
+    assert torch.isfinite(_forward(runner, policy, black[:1], [new], [1]).logits).all()
+
+
+def test_momentum_decays_with_samples_seen_down_to_its_floor():
+    from ttaserve.adapters.ema_batchnorm import ema_momentum
+
+    early = ema_momentum(64, 0, source_prior=16, floor=1e-3)
+    late = ema_momentum(64, 100_000, source_prior=16, floor=1e-3)
+    assert early == 64 / 80
+    assert late == 1 - (1 - 1e-3) ** 64
+    assert ema_momentum(1, 10, 16, 1e-3) > ema_momentum(1, 1000, 16, 1e-3)

@@ -1,0 +1,41 @@
+import torch
+
+from ttaserve.adapters.moments import (
+    Segments,
+    mix_moments,
+    pooled_moments,
+    sample_moments,
+    segment_moments,
+)
+
+
+def test_segment_moments_equal_direct_statistics_of_each_segment():
+    torch.manual_seed(0)
+    x = torch.randn(7, 4, 5, 5) * 3 + 1
+    segments = Segments.from_sizes([3, 1, 3])
+    mean, var = sample_moments(x)
+    seg_mean, seg_var = segment_moments(mean, var, segments)
+    for r, (lo, hi) in enumerate([(0, 3), (3, 4), (4, 7)]):
+        chunk = x[lo:hi].transpose(0, 1).reshape(4, -1)
+        torch.testing.assert_close(seg_mean[r], chunk.mean(1))
+        torch.testing.assert_close(seg_var[r], chunk.var(1, unbiased=False))
+
+
+def test_pooled_moments_of_single_image_are_its_instance_statistics():
+    x = torch.randn(1, 3, 8, 8)
+    mean, var = sample_moments(x)
+    pm, pv = pooled_moments(mean, var)
+    torch.testing.assert_close(pm, mean[0])
+    torch.testing.assert_close(pv, var[0])
+
+
+def test_mix_with_weight_zero_is_bit_exact_and_mixture_matches_pooled_data():
+    a, b = torch.randn(100, 3) + 2, torch.randn(50, 3) * 2 - 1
+    ma, va = a.mean(0), a.var(0, unbiased=False)
+    mb, vb = b.mean(0), b.var(0, unbiased=False)
+    m0, v0 = mix_moments(ma, va, mb, vb, 0.0)
+    assert torch.equal(m0, ma) and torch.equal(v0, va)
+    both = torch.cat([a, b])
+    m, v = mix_moments(ma, va, mb, vb, 50 / 150)
+    torch.testing.assert_close(m, both.mean(0))
+    torch.testing.assert_close(v, both.var(0, unbiased=False))
