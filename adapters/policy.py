@@ -8,8 +8,8 @@ lets a store re-apply an update after a compare-and-set conflict without a secon
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Protocol
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
@@ -19,6 +19,15 @@ from ttaserve.adapters.stream_norm import StreamNorm
 StateTensors = dict[str, torch.Tensor]
 
 
+class Normalization(NamedTuple):
+    """Per-sample (N, C) or shared (1, C) statistics, and optionally per-sample affine."""
+
+    mean: torch.Tensor
+    var: torch.Tensor
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+
+
 @dataclass(frozen=True)
 class SourceModel:
     """What policies know of the frozen source model."""
@@ -26,6 +35,9 @@ class SourceModel:
     layers: list[StreamNorm]  # stream-norm layers, in layer-index order
     prior: torch.Tensor  # (K,) source label distribution
     num_classes: int
+    energy_threshold: float | None = None  # logsumexp at 95% TPR on source data
+    confusion: torch.Tensor | None = None  # (K, K) P(pred=i, true=j) on source data
+    temperature: float = 1.0
 
     def layer_statistics(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.layers[layer].running_mean, self.layers[layer].running_var
@@ -33,15 +45,26 @@ class SourceModel:
 
 @dataclass(frozen=True)
 class Observation:
-    """What one stream's requests in a batch contribute to its next state."""
+    """What one request contributes to its stream's next state.
+
+    `moments`, `probs`, `logits` hold the samples accepted by the gate; `grads` the
+    gradients of the policy's loss w.r.t. its differentiable state tensors.
+    """
 
     moments: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (n, C) means and variances
-    probs: torch.Tensor  # (n, K) adapted class probabilities of the same samples
+    probs: torch.Tensor  # (n, K) corrected class probabilities
     samples_seen: int  # samples the stream had seen before this observation
+    logits: torch.Tensor | None = None  # (n, K) uncorrected logits
+    total: int | None = None  # all samples of the request, accepted or not
+    grads: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def count(self) -> int:
         return int(self.probs.shape[0])
+
+    @property
+    def requested(self) -> int:
+        return self.count if self.total is None else self.total
 
 
 @dataclass(frozen=True)
@@ -52,11 +75,37 @@ class GateResult:
     open_set: torch.Tensor  # (N,) bool
     open_set_score: torch.Tensor  # (N,) float, higher = more likely unknown
 
+    @classmethod
+    def accept_all(cls, n: int) -> GateResult:
+        return cls(
+            accepted=torch.ones(n, dtype=torch.bool),
+            open_set=torch.zeros(n, dtype=torch.bool),
+            open_set_score=torch.zeros(n),
+        )
+
+
+class PolicyUpdate(NamedTuple):
+    """A stream's next state, and why it was reset to the source (None: not reset)."""
+
+    state: StateTensors
+    reset_reason: str | None = None
+
+
+@dataclass
+class BatchView:
+    """What output corrections and gates see of one forward pass."""
+
+    logits: torch.Tensor  # (N, K) raw model logits
+    features: torch.Tensor | None  # (N, D) penultimate features, when the model exposes them
+    state: StateTensors  # stacked per request (R, ...)
+    segments: Segments
+
 
 class AdaptationPolicy(Protocol):
     """A named, parameterized adaptation policy. Implementations are small and pure."""
 
     name: str
+    differentiable: tuple[str, ...]  # state tensors that get gradients (empty: forward only)
 
     def params(self) -> dict[str, Any]:
         """The policy's parameters, recorded in each stream's state header."""
@@ -72,28 +121,17 @@ class AdaptationPolicy(Protocol):
         var: torch.Tensor,
         segments: Segments,
         norm: StreamNorm,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mu, var) to normalize each sample with; `state` tensors are stacked per request."""
+    ) -> Normalization:
+        """Statistics to normalize each sample with; `state` tensors are stacked per request."""
 
-    def correct(
-        self, logits: torch.Tensor, state: StateTensors, segments: Segments
-    ) -> torch.Tensor:
-        """Output-level correction (e.g. label prior); identity for most policies."""
+    def correct(self, view: BatchView) -> torch.Tensor:
+        """Output-level correction of the logits (label prior, LAME); identity by default."""
 
-    def gate(self, logits: torch.Tensor, state: StateTensors, segments: Segments) -> GateResult:
-        """Which samples may update their stream's state."""
+    def gate(self, view: BatchView, logits: torch.Tensor) -> GateResult:
+        """Which samples may update the state, and which are open-set."""
 
-    def update(
-        self, state: StateTensors, observation: Observation, source: SourceModel
-    ) -> StateTensors:
+    def loss(self, view: BatchView, logits: torch.Tensor, gate: GateResult) -> torch.Tensor | None:
+        """The loss whose gradients reach `differentiable` state tensors (None: no gradient)."""
+
+    def update(self, state: StateTensors, observation: Observation, source: SourceModel) -> PolicyUpdate:  # fmt: skip
         """The stream's next state from its accepted samples (pure)."""
-
-
-def accept_all(logits: torch.Tensor) -> GateResult:
-    """A gate that accepts every sample and flags none as open-set."""
-    n = logits.shape[0]
-    return GateResult(
-        accepted=torch.ones(n, dtype=torch.bool),
-        open_set=torch.zeros(n, dtype=torch.bool),
-        open_set_score=torch.zeros(n),
-    )

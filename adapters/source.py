@@ -1,25 +1,19 @@
-"""`source`: the frozen model, no adaptation."""
+"""Source statistics: the frozen model's own BN statistics, no state."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from ttaserve.adapters.moments import Segments
-from ttaserve.adapters.policy import GateResult, Observation, SourceModel, StateTensors
+from ttaserve.adapters.policy import Normalization, Observation, SourceModel, StateTensors
 from ttaserve.adapters.stream_norm import StreamNorm
 
 
 @dataclass(frozen=True)
-class SourcePolicy:
-    """Normalizes with the source statistics; the state holds nothing but counters."""
-
-    name: str = "source"
-
-    def params(self) -> dict[str, Any]:
-        return {}
+class SourceStatistics:
+    """Normalize with the source running statistics; nothing to update."""
 
     def init_state(self, source: SourceModel) -> StateTensors:
         return {}
@@ -32,20 +26,8 @@ class SourcePolicy:
         var: torch.Tensor,
         segments: Segments,
         norm: StreamNorm,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return norm.running_mean.unsqueeze(0), norm.running_var.unsqueeze(0)
+    ) -> Normalization:
+        return Normalization(norm.running_mean.unsqueeze(0), norm.running_var.unsqueeze(0))
 
-    def correct(
-        self, logits: torch.Tensor, state: StateTensors, segments: Segments
-    ) -> torch.Tensor:
-        return logits
-
-    def gate(self, logits: torch.Tensor, state: StateTensors, segments: Segments) -> GateResult:
-        n = logits.shape[0]
-        none = torch.zeros(n, dtype=torch.bool)
-        return GateResult(accepted=none, open_set=none.clone(), open_set_score=torch.zeros(n))
-
-    def update(
-        self, state: StateTensors, observation: Observation, source: SourceModel
-    ) -> StateTensors:
+    def update(self, state: StateTensors, obs: Observation, source: SourceModel) -> StateTensors:
         return state

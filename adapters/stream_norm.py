@@ -21,17 +21,18 @@ from torch import nn
 
 from ttaserve.adapters.moments import sample_moments
 
-# (layer index, per-sample means (N, C), per-sample variances (N, C), layer) -> (mu, var),
-# each (N, C) or (1, C).
-LayerStatistics = Callable[[int, torch.Tensor, torch.Tensor, "StreamNorm"], tuple[torch.Tensor, torch.Tensor]]  # fmt: skip
+# (layer index, per-sample means (N, C), per-sample variances (N, C), layer) ->
+# (mu, var[, weight, bias]), each (N, C) or (1, C).
+LayerStatistics = Callable[[int, torch.Tensor, torch.Tensor, "StreamNorm"], tuple[torch.Tensor, ...]]  # fmt: skip
 
 
 @dataclass
 class NormContext:
-    """What one forward pass normalizes with, and the per-sample moments it saw."""
+    """What one forward pass normalizes with, and what it saw: moments and features."""
 
     statistics: LayerStatistics
     moments: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    features: torch.Tensor | None = None  # input of the classifier head, when tapped
 
 
 _ACTIVE: contextvars.ContextVar[NormContext | None] = contextvars.ContextVar(
@@ -79,14 +80,18 @@ class StreamNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ctx = _ACTIVE.get()
+        weight, bias = self.weight, self.bias
         if ctx is None:
             mu, var = self.running_mean.unsqueeze(0), self.running_var.unsqueeze(0)
         else:
             mean, variance = sample_moments(x.float())
             ctx.moments[self.layer_index] = (mean, variance)
-            mu, var = ctx.statistics(self.layer_index, mean, variance, self)
-        scale = self.weight * torch.rsqrt(var + self.eps)
-        shift = self.bias - scale * mu
+            stats = ctx.statistics(self.layer_index, mean, variance, self)
+            mu, var = stats[0], stats[1]
+            if len(stats) > 2 and stats[2] is not None:
+                weight, bias = stats[2], stats[3]
+        scale = weight * torch.rsqrt(var + self.eps)
+        shift = bias - scale * mu
         view = (*scale.shape, *([1] * (x.ndim - 2)))
         return x * scale.view(view).to(x.dtype) + shift.view(view).to(x.dtype)
 
@@ -95,6 +100,26 @@ class StreamNorm(nn.Module):
         if bn.running_mean is None or bn.running_var is None:
             raise ValueError("batch norm without running statistics cannot be a stream norm")
         return cls(layer_index, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
+
+
+class FeatureTap(nn.Module):
+    """Identity that hands its input (the classifier head's features) to the active context."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ctx = _ACTIVE.get()
+        if ctx is not None:
+            ctx.features = x.flatten(1)
+        return x
+
+
+def tap_classifier_features(model: nn.Module) -> bool:
+    """Record the input of the model's last Linear layer as features; False if it has none."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        return False
+    tap = FeatureTap()
+    linears[-1].register_forward_pre_hook(lambda _module, args: (tap(args[0]),))
+    return True
 
 
 def convert_batchnorm_modules(model: nn.Module) -> list[StreamNorm]:

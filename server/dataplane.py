@@ -24,6 +24,7 @@ from ttaserve.adapters.moments import Segments
 from ttaserve.adapters.policy import AdaptationPolicy, Observation
 from ttaserve.adapters.registry import POLICIES, build_policy
 from ttaserve.server.batcher import PredictJob
+from ttaserve.server.drift import DriftTracker, GroupLabels
 from ttaserve.server.errors import ApiError
 from ttaserve.server.metrics import ServerMetrics
 from ttaserve.server.model_runner import ForwardResult, ModelRunner
@@ -63,15 +64,6 @@ class PredictOutcome:
 
 
 @dataclass
-class _RequestUpdate:
-    """What one request contributes to its stream's next state."""
-
-    moments: list[tuple[torch.Tensor, torch.Tensor]]  # accepted samples, per layer
-    probs: torch.Tensor  # accepted samples
-    total: int  # all samples of the request, accepted or not
-
-
-@dataclass
 class _StreamWork:
     """One stream's part of a batch: its state before, its jobs and their observations."""
 
@@ -79,7 +71,8 @@ class _StreamWork:
     state: StreamState
     policy: AdaptationPolicy
     jobs: list[PredictJob] = field(default_factory=list)
-    updates: list[_RequestUpdate] = field(default_factory=list)
+    updates: list[Observation] = field(default_factory=list)
+    reset_reasons: list[str] = field(default_factory=list)
     answers: dict[int, list[ImagePrediction]] = field(default_factory=dict)
     new_state: StreamState | None = None
 
@@ -94,6 +87,7 @@ class DataPlane:
         metrics: ServerMetrics,
         default_policy: str,
         clock: Callable[[], float] = time.time,
+        max_groups: int = 32,
     ) -> None:
         if default_policy not in POLICIES:
             raise ValueError(f"TTASERVE_DEFAULT_POLICY={default_policy!r} is unknown; known: {', '.join(sorted(POLICIES))}")  # fmt: skip
@@ -105,6 +99,9 @@ class DataPlane:
         self._clock = clock
         self._model_name = runner.model.card.name
         self._fingerprint = runner.model.card.fingerprint
+        self.groups = GroupLabels(max_groups)
+        self.drift = DriftTracker(metrics, runner.source, runner.model.card.calibration)
+        self._row_of_job: dict[int, int] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ttaserve-forward")
 
     # --- keys and states -------------------------------------------------------------------
@@ -167,26 +164,35 @@ class DataPlane:
         work: dict[str, _StreamWork] = {}
         for job in jobs:
             self._assign(job, stored, work)
-        by_policy: dict[str, list[_StreamWork]] = {}
+        await self._run_forward_passes(list(work.values()))
         for w in work.values():
-            by_policy.setdefault(w.policy.name, []).append(w)
+            if w.jobs:
+                await self._commit(w, degraded)
+                for reason in w.reset_reasons:
+                    self.metrics.resets.labels(reason=reason).inc()
+        if degraded:
+            self.metrics.degraded.inc(len(jobs))
+        self.metrics.batch_images.observe(sum(j.size for j in jobs))
+        self.metrics.batch_requests.observe(len(jobs))
+
+    async def _run_forward_passes(self, work: list[_StreamWork]) -> None:
+        """One forward pass per policy present; a failed pass answers its jobs with 500."""
+        by_policy: dict[str, list[_StreamWork]] = {}
+        for w in work:
+            if w.jobs:
+                by_policy.setdefault(w.policy.name, []).append(w)
         loop = asyncio.get_running_loop()
         for group in by_policy.values():
             try:
                 await loop.run_in_executor(self._executor, self._forward_and_update, group)
             except Exception as exc:
                 log.exception("forward pass failed")
+                error = ApiError("inference_failed", f"inference failed: {exc}", 500)
                 for w in group:
                     for job in w.jobs:
                         if not job.future.done():
-                            job.future.set_exception(ApiError("inference_failed", f"inference failed: {exc}", 500))  # fmt: skip
-                    w.new_state = None
-                    w.jobs = []
-        for w in work.values():
-            if w.jobs:
-                await self._commit(w, degraded)
-        self.metrics.batch_images.observe(sum(j.size for j in jobs))
-        self.metrics.batch_requests.observe(len(jobs))
+                            job.future.set_exception(error)
+                    w.new_state, w.jobs = None, []
 
     def _assign(self, job: PredictJob, stored: dict[str, StreamState | None], work: dict[str, _StreamWork]) -> None:  # fmt: skip
         key = self.key(job.stream_id)
@@ -215,6 +221,7 @@ class DataPlane:
         segments = Segments.from_sizes([job.size for _, job in order])
         started = time.perf_counter()
         result = self.runner.forward(x, segments, policy, [w.state.tensors for w, _ in order])
+        self._row_of_job = {id(job): r for r, (_, job) in enumerate(order)}
         self.metrics.forward_seconds.observe(time.perf_counter() - started)
         offset = 0
         for w, job in order:
@@ -222,33 +229,51 @@ class DataPlane:
             offset += job.size
             w.answers[id(job)] = self._predictions(result, rows, job.top_k)
             accepted = result.gate.accepted[rows]
-            w.updates.append(_RequestUpdate(
+            index = self._row_of_job[id(job)]
+            w.updates.append(Observation(
                 moments=[(m[rows][accepted], v[rows][accepted]) for m, v in result.moments],
                 probs=result.probs[rows][accepted],
+                samples_seen=0,  # set when applied, from the state it is applied to
+                logits=result.raw_logits[rows][accepted],
                 total=job.size,
+                grads={k: g[index] for k, g in result.grads.items()},
             ))  # fmt: skip
+            self._observe_group(job, result, rows)
         for w in group:
-            w.new_state = self._apply(w.state, w.policy, w.updates)
+            w.new_state, w.reset_reasons = self._apply(w.state, w.policy, w.updates)
+            self.drift.observe_state(self.groups.label(w.jobs[0].group), w.new_state.tensors)
 
-    def _apply(self, state: StreamState, policy: AdaptationPolicy, updates: list[_RequestUpdate]) -> StreamState:  # fmt: skip
+    def _apply(self, state: StreamState, policy: AdaptationPolicy, updates: list[Observation]) -> tuple[StreamState, list[str]]:  # fmt: skip
         """Pure: the state after applying request updates in order (re-run on CAS conflict)."""
-        tensors, seen = state.tensors, state.samples_seen
+        tensors, seen, resets, reasons = state.tensors, state.samples_seen, state.resets, []
         for update in updates:
-            obs = Observation(moments=update.moments, probs=update.probs, samples_seen=seen)
-            candidate = policy.update(tensors, obs, self.runner.source)
-            if all_finite(candidate):
-                tensors = candidate
+            result = policy.update(tensors, replace(update, samples_seen=seen), self.runner.source)  # fmt: skip
+            if all_finite(result.state):
+                tensors = result.state
+                if result.reset_reason:
+                    reasons.append(result.reset_reason)
+                    resets += 1
             else:
                 self.metrics.nonfinite_updates.inc()
-            seen += update.total
-        return replace(
+            seen += update.requested
+        new = replace(
             state,
             tensors=tensors,
             version=state.version + 1,
             samples_seen=seen,
             updates=state.updates + len(updates),
+            resets=resets,
             updated_at=self._clock(),
         )
+        return new, reasons
+
+    def _observe_group(self, job: PredictJob, result: ForwardResult, rows: slice) -> None:
+        group = self.groups.label(job.group)
+        gate = result.gate
+        self.metrics.group_images.labels(group=group).inc(job.size)
+        self.metrics.group_filtered.labels(group=group).inc(int((~gate.accepted[rows] & ~gate.open_set[rows]).sum()))  # fmt: skip
+        self.metrics.group_open_set.labels(group=group).inc(int(gate.open_set[rows].sum()))
+        self.drift.observe(group, result.probs[rows], result.raw_logits[rows])
 
     def _predictions(self, result: ForwardResult, rows: slice, top_k: int) -> list[ImagePrediction]:
         names = self.runner.model.card.class_names
@@ -284,6 +309,7 @@ class DataPlane:
                 samples_seen=shown.samples_seen,
                 state_version=shown.version,
                 degraded=degraded,
+                reset=bool(w.reset_reasons),
             ))  # fmt: skip
             self.metrics.images.labels(policy=shown.policy).inc(job.size)
 
@@ -307,7 +333,7 @@ class DataPlane:
                 # deleted or reset to another policy meanwhile: this update no longer applies
                 return current if current and current.policy else None, False
             expected = current.version
-            new = self._apply(current, w.policy, w.updates)
+            new, w.reset_reasons = self._apply(current, w.policy, w.updates)
         log.warning("giving up on a state update after %d conflicts", CAS_ATTEMPTS)
         return None, False
 

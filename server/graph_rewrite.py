@@ -12,7 +12,7 @@ import operator
 import torch
 from torch import fx
 
-from ttaserve.adapters.stream_norm import StreamNorm
+from ttaserve.adapters.stream_norm import FeatureTap, StreamNorm
 
 _BATCH_NORM_OPS = {
     torch.ops.aten.batch_norm.default: "plain",
@@ -80,6 +80,20 @@ def rewrite_batchnorm_nodes(gm: fx.GraphModule) -> list[StreamNorm]:
     return layers
 
 
+def tap_last_linear_input(gm: fx.GraphModule) -> bool:
+    """Route the input of the program's last linear op through a FeatureTap."""
+    linears = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.linear.default]  # fmt: skip
+    if not linears:
+        return False
+    last = linears[-1]
+    gm.add_submodule("feature_tap", FeatureTap())
+    with gm.graph.inserting_before(last):
+        tapped = gm.graph.call_module("feature_tap", (last.args[0],))
+    last.replace_input_with(last.args[0], tapped)
+    gm.recompile()
+    return True
+
+
 def load_exported_program(path: str) -> tuple[torch.nn.Module, list[StreamNorm]]:
     """Load a `.pt2` program and rewrite it; returns the module and its stream norms."""
     program = torch.export.load(path)
@@ -87,4 +101,5 @@ def load_exported_program(path: str) -> tuple[torch.nn.Module, list[StreamNorm]]
     if not isinstance(module, fx.GraphModule):
         raise ValueError(f"{path}: the exported program did not unlift to a graph module")
     layers = rewrite_batchnorm_nodes(module)
+    tap_last_linear_input(module)
     return module, layers

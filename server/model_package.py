@@ -24,7 +24,11 @@ from pydantic import BaseModel, Field, field_validator
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ttaserve.adapters.stream_norm import StreamNorm, convert_batchnorm_modules
+from ttaserve.adapters.stream_norm import (
+    StreamNorm,
+    convert_batchnorm_modules,
+    tap_classifier_features,
+)
 from ttaserve.architectures import build_architecture
 from ttaserve.server.decoding import ResizePolicy, images_to_tensor
 from ttaserve.server.graph_rewrite import load_exported_program
@@ -126,6 +130,7 @@ def load_package(directory: str | Path) -> LoadedModel:
         module.load_state_dict(load_file(weights))
         module.eval()
         layers = convert_batchnorm_modules(module)
+        tap_classifier_features(module)
     else:
         module, layers = load_exported_program(str(weights))
     module.requires_grad_(False)

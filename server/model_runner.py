@@ -1,30 +1,41 @@
 """Runs one forward pass of the shared model for a batch of requests of many streams.
 
 Each request is a segment of the batch; its stream's state tensors are stacked per
-request so that the policy can gather per-sample normalization statistics.
+request so that the policy can gather per-sample normalization statistics. Gradient
+policies get the gradients of their loss w.r.t. their (stacked) state tensors; the model's
+own weights never change.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from ttaserve.adapters.moments import Segments
-from ttaserve.adapters.policy import AdaptationPolicy, GateResult, SourceModel, StateTensors
+from ttaserve.adapters.policy import (
+    AdaptationPolicy,
+    BatchView,
+    GateResult,
+    Normalization,
+    SourceModel,
+    StateTensors,
+)
 from ttaserve.adapters.stream_norm import NormContext, StreamNorm, active_context
 from ttaserve.server.model_package import LoadedModel
 
 
 @dataclass(frozen=True)
 class ForwardResult:
-    """Outputs of one forward pass over a batch of segments."""
+    """Outputs of one forward pass over a batch of segments (all detached)."""
 
+    raw_logits: torch.Tensor  # (N, K) model outputs
     logits: torch.Tensor  # (N, K) after the policy's output correction
     probs: torch.Tensor  # (N, K)
     gate: GateResult
     moments: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (N, C) means, variances
+    grads: dict[str, torch.Tensor] = field(default_factory=dict)  # per request (R, ...)
 
 
 def stack_states(states: Sequence[StateTensors]) -> StateTensors:
@@ -40,17 +51,20 @@ class ModelRunner:
     def __init__(self, model: LoadedModel) -> None:
         self.model = model
         card = model.card
+        calibration = card.calibration
         self.source = SourceModel(
             layers=model.layers,
             prior=torch.tensor(card.source_prior, dtype=torch.float32),
             num_classes=len(card.class_names),
+            energy_threshold=calibration.energy_threshold if calibration else None,
+            confusion=model.confusion,
+            temperature=calibration.temperature if calibration else 1.0,
         )
 
     @property
     def layers(self) -> list[StreamNorm]:
         return self.model.layers
 
-    @torch.inference_mode()
     def forward(
         self,
         x: torch.Tensor,
@@ -60,14 +74,37 @@ class ModelRunner:
     ) -> ForwardResult:
         """Normalize each segment with its stream's state under `policy`; no state changes."""
         batched = stack_states(states)
+        trainable = [k for k in policy.differentiable if k in batched]
+        for key in trainable:
+            batched[key] = batched[key].detach().requires_grad_(True)
 
-        def statistics(layer: int, mean: torch.Tensor, var: torch.Tensor, norm: StreamNorm):
+        def statistics(layer: int, mean: torch.Tensor, var: torch.Tensor, norm: StreamNorm) -> Normalization:  # fmt: skip
             return policy.layer_statistics(layer, batched, mean, var, segments, norm)
 
         ctx = NormContext(statistics=statistics)
-        with active_context(ctx):
+        mode = torch.enable_grad() if trainable else torch.inference_mode()
+        with mode, active_context(ctx):
             raw = self.model.module(x)
-        logits = policy.correct(raw, batched, segments)
-        gate = policy.gate(logits, batched, segments)
-        moments = [ctx.moments[i] for i in range(len(self.layers))]
-        return ForwardResult(logits=logits, probs=logits.softmax(1), gate=gate, moments=moments)
+        view = BatchView(raw.detach(), _detached(ctx.features), batched, segments)
+        with torch.no_grad():
+            logits = policy.correct(view)
+            gate = policy.gate(view, logits)
+        grads: dict[str, torch.Tensor] = {}
+        if trainable:
+            loss = policy.loss(BatchView(raw, view.features, batched, segments), logits, gate)
+            if loss is not None and loss.requires_grad:
+                found = torch.autograd.grad(loss, [batched[k] for k in trainable], allow_unused=True)  # fmt: skip
+                grads = {k: (g if g is not None else torch.zeros_like(batched[k])).detach() for k, g in zip(trainable, found, strict=True)}  # fmt: skip
+        moments = [tuple(t.detach() for t in ctx.moments[i]) for i in range(len(self.layers))]
+        return ForwardResult(
+            raw_logits=view.logits,
+            logits=logits,
+            probs=logits.softmax(1),
+            gate=gate,
+            moments=moments,  # type: ignore[arg-type]
+            grads=grads,
+        )
+
+
+def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach()

@@ -1,0 +1,163 @@
+"""A policy is a composition of small pieces, not a class hierarchy.
+
+- one *statistics* piece decides what each sample is normalized with (source, batch,
+  per-stream EMA, UnMix-TNS components) and how the stream's statistics update;
+- optional *affine* piece (gradient policies) supplies per-stream BN weight and bias;
+- *output* pieces correct the logits (label-prior correction, LAME);
+- *gate* pieces decide which samples may update the state and which are open-set;
+- an optional *guard* resets a stream whose adaptation degenerates.
+Each piece keeps its own keys in the stream's flat state dict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from ttaserve.adapters.moments import Segments
+from ttaserve.adapters.policy import (
+    BatchView,
+    GateResult,
+    Normalization,
+    Observation,
+    PolicyUpdate,
+    SourceModel,
+    StateTensors,
+)
+from ttaserve.adapters.stream_norm import StreamNorm
+
+
+class StatisticsPiece(Protocol):
+    def init_state(self, source: SourceModel) -> StateTensors: ...
+
+    def layer_statistics(
+        self,
+        layer: int,
+        state: StateTensors,
+        mean: torch.Tensor,
+        var: torch.Tensor,
+        segments: Segments,
+        norm: StreamNorm,
+    ) -> Normalization: ...
+
+    def update(self, state: StateTensors, obs: Observation, source: SourceModel) -> StateTensors: ...  # fmt: skip
+
+
+class AffinePiece(Protocol):
+    differentiable: tuple[str, ...]
+
+    def init_state(self, source: SourceModel) -> StateTensors: ...
+
+    def affine(self, layer: int, state: StateTensors, segments: Segments) -> tuple[torch.Tensor, torch.Tensor]: ...  # fmt: skip
+
+    def loss(self, view: BatchView, logits: torch.Tensor, gate: GateResult) -> torch.Tensor: ...
+
+    def update(self, state: StateTensors, obs: Observation, source: SourceModel) -> StateTensors: ...  # fmt: skip
+
+
+class OutputPiece(Protocol):
+    def init_state(self, source: SourceModel) -> StateTensors: ...
+
+    def correct(self, view: BatchView, logits: torch.Tensor) -> torch.Tensor: ...
+
+    def update(self, state: StateTensors, obs: Observation, source: SourceModel) -> StateTensors: ...  # fmt: skip
+
+
+class GatePiece(Protocol):
+    def gate(self, view: BatchView, logits: torch.Tensor) -> GateResult: ...
+
+
+class GuardPiece(Protocol):
+    def init_state(self, source: SourceModel) -> StateTensors: ...
+
+    def check(self, state: StateTensors, obs: Observation) -> tuple[StateTensors, str | None]: ...
+
+
+def _params(piece: object) -> dict[str, Any]:
+    values = getattr(piece, "__dict__", {})
+    return {"piece": type(piece).__name__} | {k: v for k, v in values.items() if isinstance(v, int | float | str | bool | type(None))}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ComposedPolicy:
+    """An `AdaptationPolicy` assembled from pieces (see the module docstring)."""
+
+    name: str
+    statistics: StatisticsPiece
+    affine: AffinePiece | None = None
+    outputs: Sequence[OutputPiece] = ()
+    gates: Sequence[GatePiece] = ()
+    guard: GuardPiece | None = None
+    description: str = ""
+    _pieces: tuple[object, ...] = field(init=False, repr=False, default=())
+
+    def __post_init__(self) -> None:
+        pieces = (self.statistics, self.affine, *self.outputs, *self.gates, self.guard)
+        object.__setattr__(self, "_pieces", tuple(p for p in pieces if p is not None))
+
+    @property
+    def differentiable(self) -> tuple[str, ...]:
+        return self.affine.differentiable if self.affine else ()
+
+    def params(self) -> dict[str, Any]:
+        return {type(p).__name__: _params(p) for p in self._pieces}
+
+    def init_state(self, source: SourceModel) -> StateTensors:
+        state: StateTensors = {}
+        for piece in self._pieces:
+            if hasattr(piece, "init_state"):
+                state.update(piece.init_state(source))
+        return state
+
+    def layer_statistics(
+        self,
+        layer: int,
+        state: StateTensors,
+        mean: torch.Tensor,
+        var: torch.Tensor,
+        segments: Segments,
+        norm: StreamNorm,
+    ) -> Normalization:
+        stats = self.statistics.layer_statistics(layer, state, mean, var, segments, norm)
+        if self.affine is None:
+            return stats
+        weight, bias = self.affine.affine(layer, state, segments)
+        return Normalization(stats.mean, stats.var, weight, bias)
+
+    def correct(self, view: BatchView) -> torch.Tensor:
+        logits = view.logits
+        for piece in self.outputs:
+            logits = piece.correct(view, logits)
+        return logits
+
+    def gate(self, view: BatchView, logits: torch.Tensor) -> GateResult:
+        result = GateResult.accept_all(logits.shape[0])
+        for piece in self.gates:
+            g = piece.gate(view, logits)
+            result = GateResult(
+                accepted=result.accepted & g.accepted,
+                open_set=result.open_set | g.open_set,
+                open_set_score=torch.maximum(result.open_set_score, g.open_set_score),
+            )
+        return result
+
+    def loss(self, view: BatchView, logits: torch.Tensor, gate: GateResult) -> torch.Tensor | None:
+        return self.affine.loss(view, logits, gate) if self.affine else None
+
+    def update(self, state: StateTensors, obs: Observation, source: SourceModel) -> PolicyUpdate:
+        new = self.statistics.update(state, obs, source)
+        if self.affine is not None:
+            new = self.affine.update(new, obs, source)
+        for piece in self.outputs:
+            new = piece.update(new, obs, source)
+        if self.guard is None:
+            return PolicyUpdate(new)
+        new, reason = self.guard.check(new, obs)
+        if reason is None:
+            return PolicyUpdate(new)
+        fresh = self.init_state(source)
+        fresh.update({k: v for k, v in new.items() if k.startswith("guard.")})
+        return PolicyUpdate(fresh, reason)
