@@ -73,7 +73,7 @@ class GatePiece(Protocol):
 class GuardPiece(Protocol):
     def init_state(self, source: SourceModel) -> StateTensors: ...
 
-    def check(self, state: StateTensors, obs: Observation) -> tuple[StateTensors, str | None]: ...
+    def check(self, state: StateTensors, obs: Observation, source: SourceModel) -> tuple[StateTensors, str | None]: ...  # fmt: skip
 
 
 def _params(piece: object) -> dict[str, Any]:
@@ -97,6 +97,10 @@ class ComposedPolicy:
     def __post_init__(self) -> None:
         pieces = (self.statistics, self.affine, *self.outputs, *self.gates, self.guard)
         object.__setattr__(self, "_pieces", tuple(p for p in pieces if p is not None))
+
+    @property
+    def needs_source_logits(self) -> bool:
+        return any(getattr(p, "needs_source_logits", False) for p in self._pieces)
 
     @property
     def differentiable(self) -> tuple[str, ...]:
@@ -151,11 +155,12 @@ class ComposedPolicy:
         new = self.statistics.update(state, obs, source)
         if self.affine is not None:
             new = self.affine.update(new, obs, source)
-        for piece in self.outputs:
-            new = piece.update(new, obs, source)
+        for piece in (*self.outputs, *self.gates):
+            if hasattr(piece, "update"):
+                new = piece.update(new, obs, source)
         if self.guard is None:
             return PolicyUpdate(new)
-        new, reason = self.guard.check(new, obs)
+        new, reason = self.guard.check(new, obs, source)
         if reason is None:
             return PolicyUpdate(new)
         fresh = self.init_state(source)

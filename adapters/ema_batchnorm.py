@@ -52,6 +52,7 @@ class EmaStatistics:
     source_prior: float = 16.0  # pseudo-samples of source statistics in a fresh stream
     momentum_floor: float = 1e-3  # per-sample EMA momentum once the stream is long
     fixed_momentum: float | None = None  # per 64 samples (RBN); overrides the schedule
+    update_from: str = "known"  # samples that update the statistics: all, known, accepted
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
@@ -101,6 +102,7 @@ class EmaStatistics:
         return Normalization(mu[segments.index], sigma2[segments.index].clamp_min(0.0))
 
     def update(self, state: StateTensors, obs: Observation, source: SourceModel) -> StateTensors:
+        obs = obs.select(self.update_from)
         n = obs.count
         if n == 0:
             return state

@@ -8,7 +8,7 @@ lets a store re-apply an update after a compare-and-set conflict without a secon
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple, Protocol
 
 import torch
@@ -36,6 +36,9 @@ class SourceModel:
     prior: torch.Tensor  # (K,) source label distribution
     num_classes: int
     energy_threshold: float | None = None  # logsumexp at 95% TPR on source data
+    energy_mean: float | None = None  # mean and std of logsumexp on source data
+    energy_std: float | None = None
+    mean_entropy: float | None = None  # mean prediction entropy on source data
     confusion: torch.Tensor | None = None  # (K, K) P(pred=i, true=j) on source data
     temperature: float = 1.0
 
@@ -45,26 +48,50 @@ class SourceModel:
 
 @dataclass(frozen=True)
 class Observation:
-    """What one request contributes to its stream's next state.
+    """What one request contributes to its stream's next state: all its samples.
 
-    `moments`, `probs`, `logits` hold the samples accepted by the gate; `grads` the
+    `accepted` marks the samples the gate let update the state, `open_set` those judged
+    unknown; pieces pick the subset they learn from with `select`. `grads` holds the
     gradients of the policy's loss w.r.t. its differentiable state tensors.
     """
 
     moments: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (n, C) means and variances
     probs: torch.Tensor  # (n, K) corrected class probabilities
-    samples_seen: int  # samples the stream had seen before this observation
-    logits: torch.Tensor | None = None  # (n, K) uncorrected logits
-    total: int | None = None  # all samples of the request, accepted or not
+    logits: torch.Tensor  # (n, K) uncorrected model logits
+    accepted: torch.Tensor  # (n,) bool
+    open_set: torch.Tensor  # (n,) bool
+    samples_seen: int = 0  # samples the stream had seen before this observation
     grads: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def requested(self) -> int:
+        return int(self.probs.shape[0])
+
+    def mask(self, subset: str) -> torch.Tensor:
+        """'all', 'known' (not open-set) or 'accepted' samples."""
+        if subset == "all":
+            return torch.ones_like(self.accepted)
+        if subset == "known":
+            return ~self.open_set
+        if subset == "accepted":
+            return self.accepted
+        raise ValueError(f"unknown sample subset {subset!r}")
+
+    def select(self, subset: str) -> Observation:
+        """The observation restricted to a subset of its samples."""
+        keep = self.mask(subset)
+        return replace(
+            self,
+            moments=[(m[keep], v[keep]) for m, v in self.moments],
+            probs=self.probs[keep],
+            logits=self.logits[keep],
+            accepted=self.accepted[keep],
+            open_set=self.open_set[keep],
+        )
 
     @property
     def count(self) -> int:
         return int(self.probs.shape[0])
-
-    @property
-    def requested(self) -> int:
-        return self.count if self.total is None else self.total
 
 
 @dataclass(frozen=True)
@@ -99,13 +126,16 @@ class BatchView:
     features: torch.Tensor | None  # (N, D) penultimate features, when the model exposes them
     state: StateTensors  # stacked per request (R, ...)
     segments: Segments
+    source: SourceModel
+    source_logits: torch.Tensor | None = None  # (N, K) frozen-model logits, when asked for
 
 
 class AdaptationPolicy(Protocol):
     """A named, parameterized adaptation policy. Implementations are small and pure."""
 
     name: str
-    differentiable: tuple[str, ...]  # state tensors that get gradients (empty: forward only)
+    differentiable: tuple[str, ...]  # state-key prefixes that get gradients (empty: forward only)
+    needs_source_logits: bool  # gates that compare with the frozen model (a second forward)
 
     def params(self) -> dict[str, Any]:
         """The policy's parameters, recorded in each stream's state header."""

@@ -1,4 +1,9 @@
-"""Policies by name. A new policy is one module and one line here."""
+"""Policies by name. A new policy is one module and one entry here.
+
+`default` is the combination the project recommends (see README, "Adaptation policies");
+the reference rows reproduce published methods as closely as a per-stream server allows,
+and say where they deviate.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +11,16 @@ from collections.abc import Callable
 from typing import Any
 
 from ttaserve.adapters.batch_statistics import BatchStatistics
+from ttaserve.adapters.collapse_guard import CollapseGuard
 from ttaserve.adapters.composed import ComposedPolicy
 from ttaserve.adapters.ema_batchnorm import EmaStatistics
+from ttaserve.adapters.entropy_minimization import EntropyMinimization
+from ttaserve.adapters.lame import LameCorrection
 from ttaserve.adapters.policy import AdaptationPolicy
+from ttaserve.adapters.prior_correction import PriorCorrection
+from ttaserve.adapters.reliability_gate import CrowdGate, EnergyOpenSetGate, EntropyGate
 from ttaserve.adapters.source import SourceStatistics
+from ttaserve.adapters.unmix_tns import UnmixStatistics
 
 
 def _source(**_: Any) -> ComposedPolicy:
@@ -20,6 +31,37 @@ def _bn(**params: Any) -> ComposedPolicy:
     return ComposedPolicy("bn", EmaStatistics(**params), description="per-stream EMA BN statistics mixed with each request's")  # fmt: skip
 
 
+def _unmix(**params: Any) -> ComposedPolicy:
+    return ComposedPolicy("unmix", UnmixStatistics(**params), description="UnMix-TNS: K=16 statistic components per layer")  # fmt: skip
+
+
+def _lame(**params: Any) -> ComposedPolicy:
+    return ComposedPolicy("lame", SourceStatistics(), outputs=(LameCorrection(only_if_correlated=False, min_batch=2, **params),), description="LAME on every request, frozen model (reference; also for models without BN)")  # fmt: skip
+
+
+def _tent(**params: Any) -> ComposedPolicy:
+    return ComposedPolicy(
+        "tent",
+        EmaStatistics(request_prior=None),
+        affine=EntropyMinimization(**params),
+        gates=(EnergyOpenSetGate(),),
+        guard=CollapseGuard(),
+        description="per-stream ETA-weighted entropy minimization of BN affine (SGD, pulled to source) on EMA statistics, with a collapse guard",  # fmt: skip
+    )
+
+
+def _default(**_: Any) -> ComposedPolicy:
+    return ComposedPolicy(
+        "default",
+        EmaStatistics(request_prior=None),
+        outputs=(PriorCorrection(), LameCorrection()),
+        gates=(EnergyOpenSetGate(), EntropyGate()),
+        guard=CollapseGuard(),
+        description="EMA statistics (request weighted as history) + open-set gate + online label-prior correction + LAME on correlated requests + collapse guard",  # fmt: skip
+    )
+
+
+# reference rows (published methods)
 def _tbn(**_: Any) -> ComposedPolicy:
     return ComposedPolicy("tbn", BatchStatistics(alpha=1.0), description="BN-adapt: test-batch statistics (reference)")  # fmt: skip
 
@@ -29,15 +71,44 @@ def _alpha_bn(alpha: float = 0.1) -> ComposedPolicy:
 
 
 def _rotta(**_: Any) -> ComposedPolicy:
-    return ComposedPolicy("rotta", EmaStatistics(fixed_momentum=0.05), description="RoTTA's robust BN (RBN, momentum 0.05) without its memory bank and teacher (reference)")  # fmt: skip
+    return ComposedPolicy("rotta", EmaStatistics(request_prior=None, fixed_momentum=0.05, update_from="all"), description="RoTTA's robust BN (momentum 0.05) without its memory bank and teacher (reference)")  # fmt: skip
+
+
+def _tent_paper(**_: Any) -> ComposedPolicy:
+    return ComposedPolicy("tent_paper", BatchStatistics(alpha=1.0), affine=EntropyMinimization(sample_filter="none", pull_to_source=0.0), description="TENT: batch statistics + entropy minimization of BN affine, SGD (reference)")  # fmt: skip
+
+
+def _eata(**_: Any) -> ComposedPolicy:
+    return ComposedPolicy("eata", BatchStatistics(alpha=1.0), affine=EntropyMinimization(sample_filter="eta", pull_to_source=0.0), description="EATA without the Fisher term (= ETA): entropy-filtered, weighted (reference)")  # fmt: skip
+
+
+def _sar(**_: Any) -> ComposedPolicy:
+    return ComposedPolicy("sar", BatchStatistics(alpha=1.0), affine=EntropyMinimization(sample_filter="sar", pull_to_source=0.0), guard=CollapseGuard(entropy_floor=0.2 / 2.302585, min_reliable=0.0), description="SAR without SAM's second step: reliable-entropy filter + entropy-EMA reset (reference)")  # fmt: skip
+
+
+def _roid(**_: Any) -> ComposedPolicy:
+    return ComposedPolicy("roid", BatchStatistics(alpha=1.0), affine=EntropyMinimization(sample_filter="roid", pull_to_source=0.01), outputs=(PriorCorrection(rate=0.0, batch_em=True, batch_prior=1.0),), description="ROID-style: certainty-weighted entropy, weight ensembling to source, batch prior correction (reference)")  # fmt: skip
+
+
+def _crowd(**_: Any) -> ComposedPolicy:
+    return ComposedPolicy("crowd", EmaStatistics(request_prior=None, update_from="accepted"), gates=(CrowdGate(),), description="EMA statistics fed only by samples whose confidence did not drop (wisdom-of-crowds filter; 2 forwards)")  # fmt: skip
 
 
 POLICIES: dict[str, Callable[..., AdaptationPolicy]] = {
+    "default": _default,
     "source": _source,
     "bn": _bn,
+    "unmix": _unmix,
+    "tent": _tent,
+    "lame": _lame,
+    "crowd": _crowd,
     "tbn": _tbn,
     "alpha_bn": _alpha_bn,
     "rotta": _rotta,
+    "tent_paper": _tent_paper,
+    "eata": _eata,
+    "sar": _sar,
+    "roid": _roid,
 }
 
 

@@ -228,14 +228,13 @@ class DataPlane:
             rows = slice(offset, offset + job.size)
             offset += job.size
             w.answers[id(job)] = self._predictions(result, rows, job.top_k)
-            accepted = result.gate.accepted[rows]
             index = self._row_of_job[id(job)]
             w.updates.append(Observation(
-                moments=[(m[rows][accepted], v[rows][accepted]) for m, v in result.moments],
-                probs=result.probs[rows][accepted],
-                samples_seen=0,  # set when applied, from the state it is applied to
-                logits=result.raw_logits[rows][accepted],
-                total=job.size,
+                moments=[(m[rows], v[rows]) for m, v in result.moments],
+                probs=result.probs[rows],
+                logits=result.raw_logits[rows],
+                accepted=result.gate.accepted[rows],
+                open_set=result.gate.open_set[rows],
                 grads={k: g[index] for k, g in result.grads.items()},
             ))  # fmt: skip
             self._observe_group(job, result, rows)

@@ -65,6 +65,8 @@ class Calibration(BaseModel):
     mean_confidence: float
     atc_threshold: float  # ATC (Garg et al. 2022): confidence quantile at 1 - accuracy
     energy_threshold: float  # logsumexp score at 95% true-positive rate on source data
+    energy_mean: float | None = None  # logsumexp mean and std on source data
+    energy_std: float | None = None
     temperature: float  # NLL-optimal softmax temperature
 
 
@@ -204,6 +206,7 @@ def calibrate_package(directory: str | Path, images: np.ndarray, labels: np.ndar
     probs = logits.softmax(1)
     confidence, predicted = probs.max(1)
     accuracy = (predicted == y).float().mean().item()
+    energy = torch.logsumexp(logits, 1)
     k = model.num_classes
     confusion = torch.zeros(k, k)
     confusion.index_put_((predicted, y), torch.ones(len(y)), accumulate=True)
@@ -213,7 +216,9 @@ def calibrate_package(directory: str | Path, images: np.ndarray, labels: np.ndar
         mean_entropy=_entropy(probs).mean().item(),
         mean_confidence=confidence.mean().item(),
         atc_threshold=torch.quantile(confidence, max(0.0, 1.0 - accuracy)).item(),
-        energy_threshold=torch.quantile(torch.logsumexp(logits, 1), 0.05).item(),
+        energy_threshold=torch.quantile(energy, 0.05).item(),
+        energy_mean=energy.mean().item(),
+        energy_std=energy.std().item(),
         temperature=_best_temperature(logits, y),
     )
     card = model.card.model_copy(update={"calibration": calibration})

@@ -57,6 +57,9 @@ class ModelRunner:
             prior=torch.tensor(card.source_prior, dtype=torch.float32),
             num_classes=len(card.class_names),
             energy_threshold=calibration.energy_threshold if calibration else None,
+            energy_mean=calibration.energy_mean if calibration else None,
+            energy_std=calibration.energy_std if calibration else None,
+            mean_entropy=calibration.mean_entropy if calibration else None,
             confusion=model.confusion,
             temperature=calibration.temperature if calibration else 1.0,
         )
@@ -74,7 +77,8 @@ class ModelRunner:
     ) -> ForwardResult:
         """Normalize each segment with its stream's state under `policy`; no state changes."""
         batched = stack_states(states)
-        trainable = [k for k in policy.differentiable if k in batched]
+        prefixes = tuple(policy.differentiable)
+        trainable = [k for k in batched if prefixes and k.startswith(prefixes)]
         for key in trainable:
             batched[key] = batched[key].detach().requires_grad_(True)
 
@@ -85,13 +89,17 @@ class ModelRunner:
         mode = torch.enable_grad() if trainable else torch.inference_mode()
         with mode, active_context(ctx):
             raw = self.model.module(x)
-        view = BatchView(raw.detach(), _detached(ctx.features), batched, segments)
+        source_logits = None
+        if policy.needs_source_logits:
+            with torch.inference_mode():
+                source_logits = self.model.module(x)  # no context: the frozen source model
+        view = BatchView(raw.detach(), _detached(ctx.features), batched, segments, self.source, source_logits)  # fmt: skip
         with torch.no_grad():
             logits = policy.correct(view)
             gate = policy.gate(view, logits)
         grads: dict[str, torch.Tensor] = {}
         if trainable:
-            loss = policy.loss(BatchView(raw, view.features, batched, segments), logits, gate)
+            loss = policy.loss(BatchView(raw, view.features, batched, segments, self.source), logits, gate)  # fmt: skip
             if loss is not None and loss.requires_grad:
                 found = torch.autograd.grad(loss, [batched[k] for k in trainable], allow_unused=True)  # fmt: skip
                 grads = {k: (g if g is not None else torch.zeros_like(batched[k])).detach() for k, g in zip(trainable, found, strict=True)}  # fmt: skip

@@ -14,6 +14,9 @@ def _observe(result, rows, seen):
     return Observation(
         moments=[(m[rows], v[rows]) for m, v in result.moments],
         probs=result.probs[rows],
+        logits=result.raw_logits[rows],
+        accepted=result.gate.accepted[rows],
+        open_set=result.gate.open_set[rows],
         samples_seen=seen,
     )
 

@@ -1,0 +1,57 @@
+"""Collapse guard: resets a stream whose adaptation degenerates.
+
+Tracks per stream an EMA of the mean prediction entropy of its samples (SAR's model
+recovery: reset when it falls below a floor, i.e. the stream became overconfident) and an
+EMA of the fraction of samples the gate accepted (too few reliable samples: the state is
+being fed noise). Optionally resets every `reset_every` updates (RDumb). A reset returns
+the stream to the source state; the guard's own counters survive it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ttaserve.adapters.policy import Observation, SourceModel, StateTensors
+from ttaserve.adapters.reliability_gate import entropy
+
+ENTROPY_KEY, RELIABLE_KEY, UPDATES_KEY = "guard.entropy_ema", "guard.reliable_ema", "guard.updates"
+
+
+@dataclass(frozen=True)
+class CollapseGuard:
+    """Reset on entropy collapse, starvation of reliable samples, or periodically."""
+
+    entropy_floor: float = 0.03  # fraction of ln K
+    min_reliable: float = 0.02
+    momentum: float = 0.1  # per request
+    warmup_updates: int = 10
+    reset_every: int | None = None
+
+    def init_state(self, source: SourceModel) -> StateTensors:
+        start = source.mean_entropy if source.mean_entropy is not None else 0.5 * math.log(source.num_classes)  # fmt: skip
+        return {ENTROPY_KEY: torch.tensor([start]), RELIABLE_KEY: torch.ones(1), UPDATES_KEY: torch.zeros(1)}  # fmt: skip
+
+    def check(self, state: StateTensors, obs: Observation, source: SourceModel) -> tuple[StateTensors, str | None]:  # fmt: skip
+        known = obs.select("known")
+        if known.count == 0:
+            return state, None
+        m = self.momentum
+        h = entropy(known.probs).mean()
+        reliable = known.accepted.float().mean()
+        new = dict(state)
+        new[ENTROPY_KEY] = (1 - m) * state[ENTROPY_KEY] + m * h
+        new[RELIABLE_KEY] = (1 - m) * state[RELIABLE_KEY] + m * reliable
+        new[UPDATES_KEY] = state[UPDATES_KEY] + 1
+        updates = int(new[UPDATES_KEY])
+        if self.reset_every and updates % self.reset_every == 0:
+            return new, "periodic"
+        if updates < self.warmup_updates:
+            return new, None
+        if float(new[ENTROPY_KEY]) < self.entropy_floor * math.log(known.probs.shape[1]):
+            return self.init_state(source), "entropy_collapse"
+        if float(new[RELIABLE_KEY]) < self.min_reliable:
+            return self.init_state(source), "few_reliable"
+        return new, None
