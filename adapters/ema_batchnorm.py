@@ -87,7 +87,7 @@ class EmaStatistics:
         mean_key, var_key = state_keys(layer)
         req_mean, req_var = segment_moments(mean, var, segments)
         n = segments.sizes
-        if self.request_prior is None or self.fixed_momentum is not None:
+        if self.request_prior is None:
             w = self.momentum(n, state[SAMPLES_KEY].flatten())
         else:
             w = n / (n + self.request_prior)

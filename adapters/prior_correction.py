@@ -5,8 +5,10 @@ logits + log pi - log pi_s (Saerens et al. 2002). Two estimators:
 
 - `em` (default): online Saerens EM. For each request's known (not open-set) samples,
   q_i ∝ p_i * pi_t / pi_s with p_i the temperature-calibrated posterior; pi_t moves to
-  the confidence-weighted mean of q with a per-sample rate, and is shrunk towards uniform
-  (ROID-style smoothing) so no class is ever ruled out.
+  the mean of q with a per-sample rate (its fixed point is the EM estimate), and is
+  shrunk towards uniform (ROID-style smoothing) so no class is ever ruled out. Only
+  samples not judged open-set count. (Per-sample confidence weighting was tried and
+  dropped: it biases the estimate towards the easily recognised classes.)
 - `bbse`: black-box shift estimation (Lipton et al. 2018): an EMA of hard-prediction
   frequencies mu, and pi_t ∝ clip(C^-1 mu) * pi_s with the source confusion matrix C
   from the model package.
@@ -18,7 +20,6 @@ class-correlated batch is corrected at once, while a single image barely moves i
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -96,10 +97,9 @@ class PriorCorrection:
         else:
             q = probs * (prior / source.prior)
             q = q / q.sum(1, keepdim=True)
-            confidence = 1 - (-(q * q.clamp_min(1e-12).log()).sum(1) / math.log(k))
-            weights = confidence.clamp_min(1e-3)
-            target = (weights.unsqueeze(1) * q).sum(0) / weights.sum()
-            estimate = (1 - step) * prior + step * target
+            # Plain mean of q: weighting samples by their confidence biases the fixed point
+            # towards easily recognised classes (measured: 0.19 for a 0.10 class).
+            estimate = (1 - step) * prior + step * q.mean(0)
         estimate = (estimate + self.smoothing / k) / (1 + self.smoothing)
         new_state[PRIOR_KEY] = estimate / estimate.sum()
         return new_state

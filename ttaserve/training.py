@@ -63,8 +63,28 @@ def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 500) -> 
     return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
-def _comparable(config: dict) -> dict:
-    return {k: v for k, v in config.items() if k != "threads"}
+def _comparable(config: dict, *also_ignored: str) -> dict:
+    return {k: v for k, v in config.items() if k not in ("threads", *also_ignored)}
+
+
+class _LinearAnneal(torch.optim.lr_scheduler.LambdaLR):
+    """Linear decay of every group's LR from its value at creation to zero over `steps`."""
+
+    def __init__(self, opt: torch.optim.Optimizer, steps: int, start_lrs: list[float] | None = None, done: int = 0) -> None:  # fmt: skip
+        self.anneal_from = start_lrs or [g["lr"] for g in opt.param_groups]
+        self.anneal_steps = steps
+        for group, lr in zip(opt.param_groups, self.anneal_from, strict=True):
+            group["initial_lr"] = lr
+        self.done = done - 1  # the base class takes one step on construction
+        super().__init__(opt, lambda step: max(0.0, 1.0 - (step + done) / steps))
+
+    def step(self) -> None:  # type: ignore[override]
+        self.done += 1
+        super().step()
+
+
+def _linear_anneal(opt, steps, start_lrs=None, done=0):  # type: ignore[no-untyped-def]
+    return _LinearAnneal(opt, steps, start_lrs, done)
 
 
 def train_classifier(
@@ -96,12 +116,21 @@ def train_classifier(
     start_epoch = 0
     if ckpt_path.exists():
         ckpt = torch.load(ckpt_path, weights_only=True)
-        if _comparable(ckpt["config"]) != _comparable(asdict(cfg)):
+        if _comparable(ckpt["config"], "epochs") != _comparable(asdict(cfg), "epochs"):
             raise ValueError(f"{ckpt_path} was written with another config; use a new --out")
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
         start_epoch = ckpt["epoch"]
+        if start_epoch > cfg.epochs:
+            raise ValueError(f"checkpoint is at epoch {start_epoch}, past --epochs {cfg.epochs}")
+        if ckpt.get("total_epochs", ckpt["config"]["epochs"]) != cfg.epochs:
+            # a shortened (or lengthened) run: anneal linearly from the current LR to zero
+            sched = _linear_anneal(opt, max(1, (cfg.epochs - start_epoch) * steps_per_epoch))
+            log.info("schedule changed to %d epochs: linear anneal from here", cfg.epochs)
+        elif "anneal_from" in ckpt:  # resuming inside such an anneal
+            sched = _linear_anneal(opt, ckpt["anneal_steps"], ckpt["anneal_from"], ckpt["anneal_done"])  # fmt: skip
+        else:
+            sched.load_state_dict(ckpt["scheduler"])
         log.info("resumed from epoch %d", start_epoch)
     x_train = images_to_tensor(train.x, CIFAR10_MEAN, CIFAR10_STD)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
@@ -128,11 +157,13 @@ def train_classifier(
             msg["test_accuracy"] = round(acc, 4)
         log.info(json.dumps(msg))
         tmp = ckpt_path.with_suffix(".tmp")
-        torch.save(
-            {"config": asdict(cfg), "epoch": epoch + 1, "model": model.state_dict(),
-             "optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
-            tmp,
-        )  # fmt: skip
+        ckpt_data = {"config": asdict(cfg), "epoch": epoch + 1, "model": model.state_dict(),
+                     "optimizer": opt.state_dict(), "total_epochs": cfg.epochs}  # fmt: skip
+        if isinstance(sched, _LinearAnneal):
+            ckpt_data |= {"anneal_from": sched.anneal_from, "anneal_steps": sched.anneal_steps, "anneal_done": sched.done}  # fmt: skip
+        else:
+            ckpt_data["scheduler"] = sched.state_dict()
+        torch.save(ckpt_data, tmp)
         tmp.replace(ckpt_path)
     model = model.to(memory_format=torch.contiguous_format)
     return model.eval()

@@ -1,0 +1,118 @@
+"""Accuracy figures of replayed streams: per domain, per scenario, and along long streams.
+
+Accuracies are top-1 percentages over known-class samples. A scenario's headline figure
+is the mean over the corruptions (the `clean` domain is reported beside it, not in it).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ttaserve.bench.open_set import open_set_auroc
+from ttaserve.bench.replay import StreamOutcome
+from ttaserve.bench.scenarios import Stream
+
+CLEAN = "clean"
+
+
+@dataclass(frozen=True)
+class Run:
+    """One replayed stream: which policy and scenario, its samples and the answers."""
+
+    policy: str
+    scenario: str
+    domains: tuple[str, ...]  # name of each domain number used by the stream
+    labels: np.ndarray  # (N,) labels of the images the stream's `index` points at
+    stream: Stream
+    outcome: StreamOutcome
+
+    def correct(self) -> np.ndarray:
+        """(n,) bool: right answer, over known samples only (in stream order)."""
+        known = ~self.stream.unknown
+        return self.outcome.predicted[known] == self.labels[self.stream.index[known]]
+
+
+def percent(correct: np.ndarray) -> float:
+    return float(100.0 * correct.mean()) if len(correct) else float("nan")
+
+
+def domain_metrics(run: Run) -> dict[str, dict[str, Any]]:
+    """Accuracy (and open-set AUROC where there are unknowns) per domain of a run."""
+    known = ~run.stream.unknown
+    hits = run.outcome.predicted == run.labels[run.stream.index]
+    out: dict[str, dict[str, Any]] = {}
+    for number in np.unique(run.stream.domain):
+        in_domain = run.stream.domain == number
+        entry: dict[str, Any] = {
+            "accuracy": percent(hits[in_domain & known]),
+            "images": int((in_domain & known).sum()),
+        }
+        if run.stream.unknown.any():
+            entry["auroc"] = open_set_auroc(run.stream.unknown[in_domain], run.outcome.open_set_score[in_domain])  # fmt: skip
+            entry["unknown_images"] = int((in_domain & ~known).sum())
+        out[run.domains[int(number)]] = entry
+    return out
+
+
+def running_accuracy(correct: np.ndarray, window: int, points: int = 400) -> list[list[float]]:
+    """[[samples seen, accuracy % over the last `window` samples], ...] along a stream."""
+    window = max(1, min(window, len(correct)))
+    sums = np.concatenate([[0], np.cumsum(correct, dtype=np.int64)])
+    ends = np.unique(np.linspace(window, len(correct), num=min(points, len(correct)), dtype=int))
+    return [[int(e), float(100.0 * (sums[e] - sums[e - window]) / window)] for e in ends]
+
+
+def long_stream_metrics(run: Run) -> dict[str, Any]:
+    """Collapse figures of a multi-pass stream: accuracy per pass and per tenth, running."""
+    correct = run.correct()
+    tenths = np.array_split(correct, 10)
+    passes = np.array_split(correct, run.stream.passes)
+    window = len(passes[0])  # one whole pass: every corruption weighs the same at every point
+    return {
+        "first_tenth": percent(tenths[0]),
+        "last_tenth": percent(tenths[-1]),
+        "pass_accuracy": [percent(p) for p in passes],
+        "window": window,
+        "running": running_accuracy(correct, window),
+    }
+
+
+def scenario_summary(runs: Iterable[Run]) -> dict[str, Any]:
+    """Merge the runs of one (policy, scenario) into its figures."""
+    runs = list(runs)
+    domains: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        domains.update(domain_metrics(run))
+    corrupted = [v["accuracy"] for k, v in domains.items() if k != CLEAN]
+    summary: dict[str, Any] = {
+        "domains": domains,
+        "mean_corrupted": float(np.mean(corrupted)) if corrupted else None,
+        "clean": domains[CLEAN]["accuracy"] if CLEAN in domains else None,
+        "images": int(sum(len(r.stream) for r in runs)),
+        "requests": int(sum(r.stream.num_requests for r in runs)),
+        "resets": int(sum(r.outcome.resets for r in runs)),
+        "seconds": float(sum(r.outcome.seconds for r in runs)),
+    }
+    aurocs = [v["auroc"] for k, v in domains.items() if "auroc" in v and k != CLEAN]
+    if aurocs:
+        summary["mean_auroc"] = float(np.mean(aurocs))
+        summary["clean_auroc"] = domains.get(CLEAN, {}).get("auroc")
+    if any(r.stream.passes > 1 for r in runs):
+        summary["long"] = long_stream_metrics(next(r for r in runs if r.stream.passes > 1))
+    return summary
+
+
+def summarize(runs: Iterable[Run]) -> dict[str, dict[str, dict[str, Any]]]:
+    """results[policy][scenario] for every (policy, scenario) present, in run order."""
+    grouped: dict[tuple[str, str], list[Run]] = defaultdict(list)
+    for run in runs:
+        grouped[(run.policy, run.scenario)].append(run)
+    results: dict[str, dict[str, dict[str, Any]]] = {}
+    for (policy, scenario), group in grouped.items():
+        results.setdefault(policy, {})[scenario] = scenario_summary(group)
+    return results

@@ -1,0 +1,88 @@
+"""The acceptance targets of the `default` policy, checked scenario by scenario.
+
+1. `>= source on every corruption` (every scenario, per corruption);
+2. `clean within 0.5 of source` (scenarios with a clean stream: not lower by more);
+3. `>= best other row on average` (mean over corruptions, against every other policy);
+4. `single keeps >= 90% of the iid gain` over source (scenario `single`);
+5. `no collapse`: last tenth of `continual_long` >= first tenth - 2 points.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ttaserve.bench.summary import CLEAN
+
+CANDIDATE = "default"
+BASELINE = "source"
+CLEAN_TOLERANCE = 0.5
+SINGLE_GAIN_KEPT = 0.9
+COLLAPSE_TOLERANCE = 2.0
+
+Check = dict[str, Any]  # {"met": bool, "detail": str}
+
+
+def _check(met: bool, detail: str) -> Check:
+    return {"met": bool(met), "detail": detail}
+
+
+def every_corruption(mine: dict[str, Any], source: dict[str, Any]) -> Check:
+    gaps = {
+        name: v["accuracy"] - source["domains"][name]["accuracy"]
+        for name, v in mine["domains"].items()
+        if name != CLEAN and name in source["domains"]
+    }
+    if not gaps:
+        return _check(True, "no corruption")
+    worst = min(gaps, key=gaps.__getitem__)
+    below = sorted(k for k, g in gaps.items() if g < 0)
+    return _check(not below, f"worst {worst} {gaps[worst]:+.1f}" + (f"; below on {', '.join(below)}" if below else ""))  # fmt: skip
+
+
+def clean_within(mine: dict[str, Any], source: dict[str, Any]) -> Check:
+    gap = mine["clean"] - source["clean"]
+    return _check(gap >= -CLEAN_TOLERANCE, f"clean {gap:+.1f} vs source")
+
+
+def best_on_average(policy: str, results: dict[str, dict[str, Any]], scenario: str) -> Check:
+    mine = results[policy][scenario]["mean_corrupted"]
+    others = {p: r[scenario]["mean_corrupted"] for p, r in results.items() if p != policy and scenario in r}  # fmt: skip
+    if not others:
+        return _check(True, "no other policy")
+    best = max(others, key=others.__getitem__)
+    return _check(mine >= others[best], f"{mine - others[best]:+.1f} vs best other ({best})")
+
+
+def single_keeps_gain(mine: dict[str, Any], source: dict[str, Any]) -> Check:
+    iid_gain = mine["iid"]["mean_corrupted"] - source["iid"]["mean_corrupted"]
+    single_gain = mine["single"]["mean_corrupted"] - source["single"]["mean_corrupted"]
+    needed = SINGLE_GAIN_KEPT * iid_gain if iid_gain > 0 else iid_gain
+    return _check(single_gain >= needed, f"single gain {single_gain:+.1f} vs iid gain {iid_gain:+.1f}")  # fmt: skip
+
+
+def no_collapse(mine: dict[str, Any]) -> Check:
+    first, last = mine["long"]["first_tenth"], mine["long"]["last_tenth"]
+    return _check(last >= first - COLLAPSE_TOLERANCE, f"first tenth {first:.1f}, last tenth {last:.1f}")  # fmt: skip
+
+
+def check_targets(
+    results: dict[str, dict[str, Any]], policy: str = CANDIDATE, baseline: str = BASELINE
+) -> dict[str, dict[str, Check]]:
+    """targets[scenario][target] for `policy` against `baseline`; empty if either is absent."""
+    if policy not in results or baseline not in results:
+        return {}
+    mine, source = results[policy], results[baseline]
+    out: dict[str, dict[str, Check]] = {}
+    for scenario, figures in mine.items():
+        if scenario not in source:
+            continue
+        checks = {">= source on every corruption": every_corruption(figures, source[scenario])}
+        if figures["clean"] is not None and source[scenario]["clean"] is not None:
+            checks["clean within 0.5 of source"] = clean_within(figures, source[scenario])
+        checks[">= best other row on average"] = best_on_average(policy, results, scenario)
+        if scenario == "single" and "iid" in mine and "iid" in source:
+            checks["single keeps >= 90% of iid gain"] = single_keeps_gain(mine, source)
+        if "long" in figures:
+            checks["no collapse (last tenth >= first - 2)"] = no_collapse(figures)
+        out[scenario] = checks
+    return out
