@@ -30,6 +30,7 @@ from ttaserve.adapters.policy import Normalization, Observation, SourceModel, St
 from ttaserve.adapters.stream_norm import StreamNorm
 
 SAMPLES_KEY = "bn.samples"
+DIVERSITY_KEY = "bn.diversity"  # EMA of requests' prediction diversity (1 = i.i.d.-like)
 
 
 def state_keys(layer: int) -> tuple[str, str]:
@@ -53,6 +54,13 @@ class EmaStatistics:
     momentum_floor: float = 1e-3  # per-sample EMA momentum once the stream is long
     fixed_momentum: float | None = None  # per 64 samples (RBN); overrides the schedule
     update_from: str = "known"  # samples that update the statistics: all, known, accepted
+    # With `adaptive_request_weight`, a stream whose recent requests looked i.i.d.
+    # (diverse predictions) weighs each request by n / (n + request_prior), and a stream
+    # whose requests are class-correlated weighs them like history (momentum), so that
+    # class-biased batch statistics cannot take over.
+    adaptive_request_weight: bool = False
+    diversity_threshold: float = 0.7  # H(mean p) / H(source prior) below this: correlated
+    diversity_min_batch: int = 16
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
@@ -68,12 +76,22 @@ class EmaStatistics:
         return torch.maximum(cumulative, 1 - (1 - self.momentum_floor) ** n)
 
     def init_state(self, source: SourceModel) -> StateTensors:
-        state: StateTensors = {SAMPLES_KEY: torch.zeros(1)}
+        state: StateTensors = {SAMPLES_KEY: torch.zeros(1), DIVERSITY_KEY: torch.ones(1)}
         for layer, norm in enumerate(source.layers):
             mean_key, var_key = state_keys(layer)
             state[mean_key] = norm.running_mean.clone()
             state[var_key] = norm.running_var.clone()
         return state
+
+    def _request_weight(self, state: StateTensors, n: torch.Tensor) -> torch.Tensor:
+        history = self.momentum(n, state[SAMPLES_KEY].flatten())
+        if self.request_prior is None:
+            return history
+        own = n / (n + self.request_prior)
+        if not self.adaptive_request_weight:
+            return own
+        iid = state[DIVERSITY_KEY].flatten() >= self.diversity_threshold
+        return torch.where(iid, own, history)
 
     def layer_statistics(
         self,
@@ -86,11 +104,7 @@ class EmaStatistics:
     ) -> Normalization:
         mean_key, var_key = state_keys(layer)
         req_mean, req_var = segment_moments(mean, var, segments)
-        n = segments.sizes
-        if self.request_prior is None:
-            w = self.momentum(n, state[SAMPLES_KEY].flatten())
-        else:
-            w = n / (n + self.request_prior)
+        w = self._request_weight(state, segments.sizes)
         tgt_mean, tgt_var = mix_moments(state[mean_key], state[var_key], req_mean, req_var, w.unsqueeze(1))  # fmt: skip
         mu, sigma2 = mix_moments(
             norm.running_mean.unsqueeze(0),
@@ -115,4 +129,13 @@ class EmaStatistics:
             new_mean, new_var = mix_moments(state[mean_key], state[var_key], obs_mean, obs_var, momentum)  # fmt: skip
             new_state[mean_key], new_state[var_key] = new_mean, new_var.clamp_min(0.0)
         new_state[SAMPLES_KEY] = seen + n
+        if n >= self.diversity_min_batch:
+            new_state[DIVERSITY_KEY] = 0.7 * state[DIVERSITY_KEY] + 0.3 * prediction_diversity(obs.probs, source.prior)  # fmt: skip
         return new_state
+
+
+def prediction_diversity(probs: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+    """H(mean prediction) / H(prior): near 1 for an i.i.d. batch, low for a correlated one."""
+    marginal = probs.mean(0)
+    h = -(marginal * marginal.clamp_min(1e-12).log()).sum()
+    return (h / -(prior * prior.clamp_min(1e-12).log()).sum()).reshape(1)

@@ -53,7 +53,7 @@ def _tent(**params: Any) -> ComposedPolicy:
 def _default(**_: Any) -> ComposedPolicy:
     return ComposedPolicy(
         "default",
-        EmaStatistics(request_prior=None),
+        EmaStatistics(adaptive_request_weight=True),
         outputs=(PriorCorrection(), LameCorrection()),
         gates=(EnergyOpenSetGate(), EntropyGate()),
         guard=CollapseGuard(),

@@ -181,3 +181,16 @@ def test_invalid_stream_ids_are_422(server, stream):
     assert r.status_code in (404, 422)
     if r.status_code == 422:
         assert r.json()["error"]["code"] == "invalid_request"
+
+
+def test_group_labels_are_bounded(random_package, random_model):
+    from conftest import running_server
+    from ttaserve.server.settings import Settings
+
+    with running_server(Settings(model=random_package, max_groups=2), random_model) as server:
+        for i, group in enumerate(["site-a", "site-b", "site-c", "bad group!"]):
+            r = _predict(server, f"cam-{i}", files=[("images", GOOD)], headers={"X-Stream-Group": group})  # fmt: skip
+            assert r.status_code == 200
+        text = httpx.get(f"{server.url}/metrics").text
+    groups = {line.split('group="')[1].split('"')[0] for line in text.splitlines() if line.startswith("ttaserve_group_images_total{")}  # fmt: skip
+    assert groups == {"site-a", "site-b", "other"}

@@ -1,0 +1,103 @@
+"""Cross-stream batching: requests of different streams in one forward pass get the same
+outputs and the same next states as when processed alone."""
+
+import asyncio
+
+import pytest
+import torch
+
+from ttaserve.server.batcher import CrossStreamBatcher, PredictJob
+from ttaserve.server.dataplane import DataPlane
+from ttaserve.server.errors import OverloadedError
+from ttaserve.server.metrics import ServerMetrics
+from ttaserve.server.model_runner import ModelRunner
+from ttaserve.server.state import decode_state
+from ttaserve.server.stores.memory import InMemoryStateStore
+
+STREAMS = {"a": (3, 0.0, 1.0), "b": (1, 1.5, 0.4), "c": (5, -0.5, 2.0)}
+
+
+def _pixels(name, step):
+    n, shift, scale = STREAMS[name]
+    g = torch.Generator().manual_seed(hash((name, step)) % 2**31)
+    return torch.randn(n, 3, 32, 32, generator=g) * scale + shift
+
+
+async def _run(runner, policy, together: bool):
+    dataplane = DataPlane(runner, InMemoryStateStore(), ServerMetrics(), policy)
+    outputs = {}
+    for step in range(3):  # states evolve over several batches
+        jobs = [PredictJob(stream_id=s, requested_policy=None, pixels=_pixels(s, step)) for s in STREAMS]  # fmt: skip
+        if together:
+            await dataplane.process_batch(jobs)
+        else:
+            for job in jobs:
+                await dataplane.process_batch([job])
+        for job in jobs:
+            outputs[(job.stream_id, step)] = [p.top_k for p in job.future.result().predictions]
+    records = await dataplane.store.get_many([dataplane.key(s) for s in STREAMS])
+    fingerprint = runner.model.card.fingerprint
+    states = {s: decode_state(r.data, fingerprint) for s, r in zip(STREAMS, records, strict=True)}
+    dataplane.close()
+    return outputs, states
+
+
+@pytest.mark.parametrize("policy", ["bn", "default", "unmix", "tent"])
+def test_batched_together_equals_alone(random_model, policy):
+    runner = ModelRunner(random_model)
+    together_out, together_states = asyncio.run(_run(runner, policy, together=True))
+    alone_out, alone_states = asyncio.run(_run(runner, policy, together=False))
+    for key, preds in together_out.items():
+        for got, want in zip(preds, alone_out[key], strict=True):
+            assert [c["label"] for c in got] == [c["label"] for c in want]
+            for g, w in zip(got, want, strict=True):
+                assert abs(g["score"] - w["score"]) <= 1e-5
+    for stream, state in together_states.items():
+        other = alone_states[stream]
+        assert state.samples_seen == other.samples_seen == 3 * STREAMS[stream][0]
+        for name, tensor in state.tensors.items():
+            torch.testing.assert_close(tensor, other.tensors[name], atol=1e-5, rtol=1e-5)
+
+
+def test_same_stream_requests_in_one_batch_apply_in_arrival_order(random_model):
+    runner = ModelRunner(random_model)
+
+    async def run():
+        dataplane = DataPlane(runner, InMemoryStateStore(), ServerMetrics(), "bn")
+        jobs = [PredictJob(stream_id="s", requested_policy=None, pixels=_pixels("a", i)) for i in range(3)]  # fmt: skip
+        await dataplane.process_batch(jobs)
+        results = [j.future.result() for j in jobs]
+        (record,) = await dataplane.store.get_many([dataplane.key("s")])
+        dataplane.close()
+        return results, decode_state(record.data, runner.model.card.fingerprint)
+
+    results, state = asyncio.run(run())
+    assert state.samples_seen == 9
+    assert state.updates == 3
+    assert state.version == 1  # one write for the whole batch
+    assert {r.state_version for r in results} == {1}
+
+
+def test_bounded_queue_rejects_with_overloaded():
+    async def run():
+        release = asyncio.Event()
+
+        async def slow_handler(jobs):
+            await release.wait()
+            for job in jobs:
+                job.future.set_result("ok")
+
+        batcher = CrossStreamBatcher(slow_handler, max_batch_images=4, max_wait_s=0.0, max_queue_images=6)  # fmt: skip
+        batcher.start()
+        first = asyncio.create_task(batcher.submit(PredictJob("a", None, torch.zeros(4, 3, 2, 2))))
+        await asyncio.sleep(0.01)
+        second = asyncio.create_task(batcher.submit(PredictJob("b", None, torch.zeros(2, 3, 2, 2))))  # fmt: skip
+        await asyncio.sleep(0.01)
+        with pytest.raises(OverloadedError):
+            await batcher.submit(PredictJob("c", None, torch.zeros(1, 3, 2, 2)))
+        release.set()
+        assert await first == "ok"
+        assert await second == "ok"
+        await batcher.stop()
+
+    asyncio.run(run())
