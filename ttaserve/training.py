@@ -169,6 +169,52 @@ def train_classifier(
     return model.eval()
 
 
+def fine_tune(
+    model: nn.Module,
+    train: LabelledImages,
+    out_dir: Path,
+    cfg: TrainConfig,
+    epochs: int,
+    peak_lr: float,
+) -> nn.Module:
+    """A short warm restart after the main schedule: cosine from `peak_lr` to zero.
+
+    Checkpointed as `finetune.pt` after every epoch and resumable like the main run.
+    """
+    path = out_dir / "finetune.pt"
+    model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=peak_lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)  # fmt: skip
+    steps_per_epoch = len(train) // cfg.batch_size
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * steps_per_epoch)
+    start = 0
+    if path.exists():
+        ckpt = torch.load(path, weights_only=True)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        start = ckpt["epoch"]
+    x_train = images_to_tensor(train.x, CIFAR10_MEAN, CIFAR10_STD)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    for epoch in range(start, epochs):
+        gen = torch.Generator().manual_seed(cfg.seed * 1000 + 500 + epoch)
+        order = torch.randperm(len(train), generator=gen)
+        model.train()
+        for step in range(steps_per_epoch):
+            idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+            xb = augment(x_train[idx], gen).contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+                loss = criterion(model(xb), train.y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        log.info(json.dumps({"finetune_epoch": epoch + 1, "loss": round(loss.item(), 4)}))
+        tmp = path.with_suffix(".tmp")
+        torch.save({"epoch": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp)  # fmt: skip
+        tmp.replace(path)
+    return model.to(memory_format=torch.contiguous_format).eval()
+
+
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int = 500) -> None:
     """Recompute BN running statistics in fp32 on un-augmented source images (cumulative)."""
