@@ -65,7 +65,8 @@ def _train_demo(args: argparse.Namespace) -> int:
     from ttaserve.training import TrainConfig
 
     cfg = TrainConfig(epochs=args.epochs, threads=args.threads)
-    accuracy = train_demo_model(Path(args.data), Path(args.out), Path(args.work), cfg, args.finetune_epochs, args.finetune_lr)  # fmt: skip
+    restarts = [(int(e), float(lr)) for e, lr in (r.split(":") for r in args.restarts.split(",") if r)]  # fmt: skip
+    accuracy = train_demo_model(Path(args.data), Path(args.out), Path(args.work), cfg, restarts)
     print(f"demo model written to {args.out}: CIFAR-10 test accuracy {accuracy:.4f}")
     return 0
 
@@ -110,8 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--work", default=".cache/train-demo", help="checkpoint folder (resumable)")
     train.add_argument("--epochs", type=int, default=70)
     train.add_argument("--threads", type=int, default=0)
-    train.add_argument("--finetune-epochs", type=int, default=0, help="a cosine warm restart after the main schedule")  # fmt: skip
-    train.add_argument("--finetune-lr", type=float, default=0.03)
+    train.add_argument("--restarts", default="", help="warm restarts after the main schedule, averaged: EPOCHS:PEAK_LR,... e.g. 8:0.03,12:0.08")  # fmt: skip
     train.set_defaults(func=_train_demo)
 
     bench = sub.add_parser("bench", help="benchmarks: 'accuracy' (adaptation) or 'serve' (throughput)")  # fmt: skip

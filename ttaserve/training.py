@@ -176,12 +176,13 @@ def fine_tune(
     cfg: TrainConfig,
     epochs: int,
     peak_lr: float,
+    checkpoint_name: str = "finetune.pt",
 ) -> nn.Module:
     """A short warm restart after the main schedule: cosine from `peak_lr` to zero.
 
-    Checkpointed as `finetune.pt` after every epoch and resumable like the main run.
+    Checkpointed after every epoch and resumable like the main run.
     """
-    path = out_dir / "finetune.pt"
+    path = out_dir / checkpoint_name
     model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=peak_lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)  # fmt: skip
     steps_per_epoch = len(train) // cfg.batch_size
@@ -213,6 +214,16 @@ def fine_tune(
         torch.save({"epoch": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp)  # fmt: skip
         tmp.replace(path)
     return model.to(memory_format=torch.contiguous_format).eval()
+
+
+@torch.no_grad()
+def average_weights(models: list[nn.Module]) -> dict[str, torch.Tensor]:
+    """Uniform average of the floating-point weights of models of one architecture."""
+    states = [m.state_dict() for m in models]
+    return {
+        k: torch.stack([s[k].float() for s in states]).mean(0) if v.is_floating_point() else v
+        for k, v in states[0].items()
+    }
 
 
 @torch.no_grad()
