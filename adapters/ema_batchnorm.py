@@ -27,6 +27,7 @@ import torch
 
 from ttaserve.adapters.moments import Segments, mix_moments, pooled_moments, segment_moments
 from ttaserve.adapters.policy import Normalization, Observation, SourceModel, StateTensors
+from ttaserve.adapters.prior_correction import PRIOR_KEY
 from ttaserve.adapters.stream_norm import StreamNorm
 
 SAMPLES_KEY = "bn.samples"
@@ -61,6 +62,11 @@ class EmaStatistics:
     adaptive_request_weight: bool = False
     diversity_threshold: float = 0.7  # H(mean p) / H(source prior) below this: correlated
     diversity_min_batch: int = 16
+    # With `class_balanced`, samples are weighted by pi_source(y) / pi_stream(y) (soft, from
+    # the stream's label-prior estimate) when they update the statistics, so that label
+    # shift does not bias the stream's BN statistics (RoTTA's class-balanced feed, without
+    # a memory bank).
+    class_balanced: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
@@ -93,6 +99,14 @@ class EmaStatistics:
         iid = state[DIVERSITY_KEY].flatten() >= self.diversity_threshold
         return torch.where(iid, own, history)
 
+    @staticmethod
+    def _balance_weights(state: StateTensors, obs: Observation, source: SourceModel) -> torch.Tensor | None:  # fmt: skip
+        prior = state.get(PRIOR_KEY)
+        if prior is None:
+            return None
+        ratio = source.prior / prior.clamp_min(1e-6)
+        return (obs.probs * ratio).sum(1)
+
     def layer_statistics(
         self,
         layer: int,
@@ -123,9 +137,10 @@ class EmaStatistics:
         seen = state[SAMPLES_KEY]
         momentum = self.momentum(n, seen)
         new_state = dict(state)
+        weights = self._balance_weights(state, obs, source) if self.class_balanced else None
         for layer, (mean, var) in enumerate(obs.moments):
             mean_key, var_key = state_keys(layer)
-            obs_mean, obs_var = pooled_moments(mean, var)
+            obs_mean, obs_var = pooled_moments(mean, var, weights)
             new_mean, new_var = mix_moments(state[mean_key], state[var_key], obs_mean, obs_var, momentum)  # fmt: skip
             new_state[mean_key], new_state[var_key] = new_mean, new_var.clamp_min(0.0)
         new_state[SAMPLES_KEY] = seen + n

@@ -58,10 +58,17 @@ def segment_moments(
     return seg_mean, seg_var
 
 
-def pooled_moments(mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and variance of all samples' pooled values from per-sample moments (N, C)."""
-    pooled_mean = mean.mean(0)
-    return pooled_mean, (var + (mean - pooled_mean).square()).mean(0)
+def pooled_moments(
+    mean: torch.Tensor, var: torch.Tensor, weights: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance of all samples' pooled values from per-sample moments (N, C),
+    optionally with per-sample weights (N,)."""
+    if weights is None:
+        pooled_mean = mean.mean(0)
+        return pooled_mean, (var + (mean - pooled_mean).square()).mean(0)
+    w = (weights / weights.sum().clamp_min(1e-12)).unsqueeze(1)
+    pooled_mean = (w * mean).sum(0)
+    return pooled_mean, (w * (var + (mean - pooled_mean).square())).sum(0)
 
 
 def mix_moments(

@@ -53,11 +53,16 @@ def _tent(**params: Any) -> ComposedPolicy:
 def _default(**_: Any) -> ComposedPolicy:
     return ComposedPolicy(
         "default",
-        EmaStatistics(adaptive_request_weight=True),
+        EmaStatistics(
+            adaptive_request_weight=True,
+            diversity_threshold=0.85,
+            source_prior=4.0,
+            class_balanced=True,
+        ),
         outputs=(PriorCorrection(), LameCorrection()),
         gates=(EnergyOpenSetGate(), EntropyGate()),
         guard=CollapseGuard(),
-        description="EMA statistics (request weighted as history) + open-set gate + online label-prior correction + LAME on correlated requests + collapse guard",  # fmt: skip
+        description="class-balanced EMA statistics (a request weighs n/(n+16) while the stream looks i.i.d., like history otherwise) + open-set gate + online label-prior correction + LAME on correlated requests + collapse guard",  # fmt: skip
     )
 
 
