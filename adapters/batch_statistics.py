@@ -11,8 +11,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ttaserve.adapters.moments import Segments, mix_moments, segment_moments
-from ttaserve.adapters.policy import Normalization, Observation, SourceModel, StateTensors
+from ttaserve.adapters.moments import Segments, segment_moments
+from ttaserve.adapters.policy import (
+    Normalization,
+    Observation,
+    SourceModel,
+    StateTensors,
+    source_mixed_normalization,
+)
 from ttaserve.adapters.stream_norm import StreamNorm
 
 
@@ -35,14 +41,7 @@ class BatchStatistics:
         norm: StreamNorm,
     ) -> Normalization:
         req_mean, req_var = segment_moments(mean, var, segments)
-        mu, sigma2 = mix_moments(
-            norm.running_mean.unsqueeze(0),
-            norm.running_var.unsqueeze(0),
-            req_mean,
-            req_var,
-            self.alpha,  # fmt: skip
-        )
-        return Normalization(mu[segments.index], sigma2[segments.index].clamp_min(0.0))
+        return source_mixed_normalization(norm, req_mean, req_var, self.alpha, segments)
 
     def update(self, state: StateTensors, obs: Observation, source: SourceModel) -> StateTensors:
         return state

@@ -26,7 +26,13 @@ from dataclasses import dataclass
 import torch
 
 from ttaserve.adapters.moments import Segments, mix_moments, pooled_moments, segment_moments
-from ttaserve.adapters.policy import Normalization, Observation, SourceModel, StateTensors
+from ttaserve.adapters.policy import (
+    Normalization,
+    Observation,
+    SourceModel,
+    StateTensors,
+    source_mixed_normalization,
+)
 from ttaserve.adapters.prior_correction import PRIOR_KEY
 from ttaserve.adapters.stream_norm import StreamNorm
 
@@ -120,14 +126,7 @@ class EmaStatistics:
         req_mean, req_var = segment_moments(mean, var, segments)
         w = self._request_weight(state, segments.sizes)
         tgt_mean, tgt_var = mix_moments(state[mean_key], state[var_key], req_mean, req_var, w.unsqueeze(1))  # fmt: skip
-        mu, sigma2 = mix_moments(
-            norm.running_mean.unsqueeze(0),
-            norm.running_var.unsqueeze(0),
-            tgt_mean,
-            tgt_var,
-            self.alpha,  # fmt: skip
-        )
-        return Normalization(mu[segments.index], sigma2[segments.index].clamp_min(0.0))
+        return source_mixed_normalization(norm, tgt_mean, tgt_var, self.alpha, segments)
 
     def update(self, state: StateTensors, obs: Observation, source: SourceModel) -> StateTensors:
         obs = obs.select(self.update_from)

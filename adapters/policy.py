@@ -13,7 +13,7 @@ from typing import Any, NamedTuple, Protocol
 
 import torch
 
-from ttaserve.adapters.moments import Segments
+from ttaserve.adapters.moments import Segments, mix_moments
 from ttaserve.adapters.stream_norm import StreamNorm
 
 StateTensors = dict[str, torch.Tensor]
@@ -26,6 +26,19 @@ class Normalization(NamedTuple):
     var: torch.Tensor
     weight: torch.Tensor | None = None
     bias: torch.Tensor | None = None
+
+
+def source_mixed_normalization(
+    norm: StreamNorm,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    alpha: float,
+    segments: Segments,
+) -> Normalization:
+    """Per-request statistics (R, C) mixed with the layer's source statistics by `alpha`,
+    gathered per sample. With alpha = 0 the result is exactly the source statistics."""
+    mu, sigma2 = mix_moments(norm.running_mean.unsqueeze(0), norm.running_var.unsqueeze(0), mean, var, alpha)  # fmt: skip
+    return Normalization(mu[segments.index], sigma2[segments.index].clamp_min(0.0))
 
 
 @dataclass(frozen=True)
