@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -29,12 +30,28 @@ class Segments:
     def count(self) -> int:
         return len(self.sizes)
 
+    @cached_property
+    def singletons(self) -> bool:
+        """True when every segment holds exactly one sample, in order (index is 0..N-1)."""
+        n = len(self.index)
+        return n == self.count and bool((self.index == torch.arange(n)).all())
+
+    @cached_property
+    def divisors(self) -> torch.Tensor:
+        """Segment sizes as an (R, 1) column, at least 1 (empty segments divide by 1)."""
+        return self.sizes.clamp(min=1).unsqueeze(1)
+
 
 def sample_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample, per-channel mean and (biased) variance over the spatial dims of (N, C, ...)."""
-    dims = tuple(range(2, x.ndim))
-    var, mean = torch.var_mean(x, dim=dims, correction=0)
-    return mean, var
+    """Per-sample, per-channel mean and (biased) variance over the spatial dims of (N, C, ...).
+
+    Two passes (mean, then mean squared deviation): as stable as `torch.var_mean` and, on
+    CPU, several times faster for the small per-sample reductions of a stream norm.
+    """
+    flat = x.flatten(2)
+    mean = flat.mean(2, keepdim=True)
+    var = (flat - mean).square().mean(2)
+    return mean.squeeze(2), var
 
 
 def segment_sum(values: torch.Tensor, segments: Segments) -> torch.Tensor:
@@ -49,9 +66,12 @@ def segment_moments(
     """Mean and variance of each segment's pooled samples from per-sample moments.
 
     Law of total variance: the segment variance is the mean within-sample variance plus
-    the variance of the sample means. Empty segments get zeros.
+    the variance of the sample means. Empty segments get zeros. One-sample segments are
+    returned as they are (the same values the general path computes).
     """
-    n = segments.sizes.clamp(min=1).unsqueeze(1)
+    if segments.singletons:
+        return mean, var
+    n = segments.divisors
     seg_mean = segment_sum(mean, segments) / n
     spread = (mean - seg_mean[segments.index]).square()
     seg_var = segment_sum(var + spread, segments) / n
@@ -63,6 +83,8 @@ def pooled_moments(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and variance of all samples' pooled values from per-sample moments (N, C),
     optionally with per-sample weights (N,)."""
+    if weights is None and mean.shape[0] == 1:
+        return mean[0], var[0]  # what the general path computes for one sample, bit for bit
     if weights is None:
         pooled_mean = mean.mean(0)
         return pooled_mean, (var + (mean - pooled_mean).square()).mean(0)
@@ -80,9 +102,27 @@ def mix_moments(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Moments of the mixture (1-w)·A + w·B of two distributions.
 
-    With w = 0 the result is exactly (mean_a, var_a), bit for bit.
+    With w = 0 the result is exactly (mean_a, var_a), bit for bit; a Python weight of 0 or
+    1 skips the arithmetic (same values, broadcast to the shape the arithmetic would give).
     """
     w = weight_b
-    mean = (1 - w) * mean_a + w * mean_b
-    var = (1 - w) * var_a + w * var_b + w * (1 - w) * (mean_a - mean_b).square()
+    if isinstance(w, float | int) and w in (0, 1):
+        mean, var = (mean_a, var_a) if w == 0 else (mean_b, var_b)
+        shape = _broadcast_shape(mean_a.shape, mean_b.shape)
+        if mean.shape != shape:
+            mean, var = mean.expand(shape), var.expand(shape)
+        return mean, var
+    u = 1 - w
+    wu = w * u
+    mean = u * mean_a + w * mean_b
+    var = u * var_a + w * var_b + wu * (mean_a - mean_b).square()
     return mean, var
+
+
+def _broadcast_shape(a: torch.Size, b: torch.Size) -> torch.Size:
+    """`torch.broadcast_shapes` for the common cases, without its overhead."""
+    if a == b:
+        return a
+    if len(a) == len(b) and all(x == y or x == 1 or y == 1 for x, y in zip(a, b, strict=True)):
+        return torch.Size(y if x == 1 else x for x, y in zip(a, b, strict=True))
+    return torch.broadcast_shapes(a, b)

@@ -35,6 +35,7 @@ class NormContext:
     features: torch.Tensor | None = None  # input of the classifier head, when tapped
 
 
+_ONES = (1, 1, 1)  # trailing singleton dims that broadcast (N, C) over (N, C, ...)
 _ACTIVE: contextvars.ContextVar[NormContext | None] = contextvars.ContextVar(
     "ttaserve_norm_context", default=None
 )
@@ -84,7 +85,7 @@ class StreamNorm(nn.Module):
         if ctx is None:
             mu, var = self.running_mean.unsqueeze(0), self.running_var.unsqueeze(0)
         else:
-            mean, variance = sample_moments(x.float())
+            mean, variance = sample_moments(x if x.dtype == torch.float32 else x.float())
             ctx.moments[self.layer_index] = (mean, variance)
             stats = ctx.statistics(self.layer_index, mean, variance, self)
             mu, var = stats[0], stats[1]
@@ -92,8 +93,10 @@ class StreamNorm(nn.Module):
                 weight, bias = stats[2], stats[3]
         scale = weight * torch.rsqrt(var + self.eps)
         shift = bias - scale * mu
-        view = (*scale.shape, *([1] * (x.ndim - 2)))
-        return x * scale.view(view).to(x.dtype) + shift.view(view).to(x.dtype)
+        if x.dtype != scale.dtype:
+            scale, shift = scale.to(x.dtype), shift.to(x.dtype)
+        view = (*scale.shape, *_ONES[: x.ndim - 2])
+        return x * scale.view(view) + shift.view(view)
 
     @classmethod
     def from_batchnorm(cls, layer_index: int, bn: nn.modules.batchnorm._BatchNorm) -> StreamNorm:

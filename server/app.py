@@ -110,6 +110,8 @@ def create_app(  # noqa: C901 - a factory of small route closures
         max_batch_images=settings.max_batch_size,
         max_wait_s=settings.max_batch_wait_ms / 1000,
         max_queue_images=settings.max_queue_images,
+        max_gather_s=settings.max_batch_gather_ms / 1000,
+        active_window_s=settings.batch_active_window_ms / 1000,
     )
     spec = model.card.input
     limits = DecodeLimits(max_pixels=settings.max_image_pixels, max_images=settings.max_images_per_request)  # fmt: skip

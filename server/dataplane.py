@@ -101,7 +101,6 @@ class DataPlane:
         self._fingerprint = runner.model.card.fingerprint
         self.groups = GroupLabels(max_groups)
         self.drift = DriftTracker(metrics, runner.source, runner.model.card.calibration)
-        self._row_of_job: dict[int, int] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ttaserve-forward")
 
     # --- keys and states -------------------------------------------------------------------
@@ -217,27 +216,19 @@ class DataPlane:
         """Runs in the forward thread: one forward pass for all jobs of one policy."""
         policy = group[0].policy
         order = sorted(((w, job) for w in group for job in w.jobs), key=lambda p: p[1].enqueued_at)
+        sizes = [job.size for _, job in order]
         x = torch.cat([job.pixels for _, job in order])
-        segments = Segments.from_sizes([job.size for _, job in order])
         started = time.perf_counter()
-        result = self.runner.forward(x, segments, policy, [w.state.tensors for w, _ in order])
-        self._row_of_job = {id(job): r for r, (_, job) in enumerate(order)}
+        result = self.runner.forward(x, Segments.from_sizes(sizes), policy, [w.state.tensors for w, _ in order])  # fmt: skip
         self.metrics.forward_seconds.observe(time.perf_counter() - started)
-        offset = 0
-        for w, job in order:
-            rows = slice(offset, offset + job.size)
-            offset += job.size
-            w.answers[id(job)] = self._predictions(result, rows, job.top_k)
-            index = self._row_of_job[id(job)]
-            w.updates.append(Observation(
-                moments=[(m[rows], v[rows]) for m, v in result.moments],
-                probs=result.probs[rows],
-                logits=result.raw_logits[rows],
-                accepted=result.gate.accepted[rows],
-                open_set=result.gate.open_set[rows],
-                grads={k: g[index] for k, g in result.grads.items()},
-            ))  # fmt: skip
-            self._observe_group(job, result, rows)
+        answers = self._predictions(result, sizes, [job.top_k for _, job in order])
+        observations = _observations(result, sizes)
+        for r, (w, job) in enumerate(order):
+            w.answers[id(job)] = answers[r]
+            if result.grads:
+                observations[r] = replace(observations[r], grads={k: g[r] for k, g in result.grads.items()})  # fmt: skip
+            w.updates.append(observations[r])
+        self._observe_groups([job for _, job in order], result)
         for w in group:
             w.new_state, w.reset_reasons = self._apply(w.state, w.policy, w.updates)
             self.drift.observe_state(self.groups.label(w.jobs[0].group), w.new_state.tensors)
@@ -266,31 +257,42 @@ class DataPlane:
         )
         return new, reasons
 
-    def _observe_group(self, job: PredictJob, result: ForwardResult, rows: slice) -> None:
-        group = self.groups.label(job.group)
+    def _observe_groups(self, jobs: list[PredictJob], result: ForwardResult) -> None:
+        """Per-group image counts and drift signals: one observation per group and batch."""
+        rows: dict[str, list[int]] = {}
+        offset = 0
+        for job in jobs:
+            rows.setdefault(self.groups.label(job.group), []).extend(range(offset, offset + job.size))  # fmt: skip
+            offset += job.size
         gate = result.gate
-        self.metrics.group_images.labels(group=group).inc(job.size)
-        self.metrics.group_filtered.labels(group=group).inc(int((~gate.accepted[rows] & ~gate.open_set[rows]).sum()))  # fmt: skip
-        self.metrics.group_open_set.labels(group=group).inc(int(gate.open_set[rows].sum()))
-        self.drift.observe(group, result.probs[rows], result.raw_logits[rows])
+        filtered = ~gate.accepted & ~gate.open_set
+        for group, group_rows in rows.items():
+            index = slice(None) if len(rows) == 1 else torch.tensor(group_rows)
+            self.metrics.group_images.labels(group=group).inc(len(group_rows))
+            self.metrics.group_filtered.labels(group=group).inc(int(filtered[index].sum()))
+            self.metrics.group_open_set.labels(group=group).inc(int(gate.open_set[index].sum()))
+            self.drift.observe(group, result.probs[index], result.raw_logits[index])
 
-    def _predictions(self, result: ForwardResult, rows: slice, top_k: int) -> list[ImagePrediction]:
+    def _predictions(self, result: ForwardResult, sizes: list[int], top_ks: list[int]) -> list[list[ImagePrediction]]:  # fmt: skip
+        """Each job's predictions, from one top-k over the whole batch."""
         names = self.runner.model.card.class_names
-        probs = result.probs[rows]
-        k = min(top_k, probs.shape[1])
-        scores, labels = probs.topk(k, dim=1)
-        out = []
-        for i in range(probs.shape[0]):
-            top = [
-                {"label": int(c), "class_name": names[int(c)], "score": float(s)}
-                for s, c in zip(scores[i], labels[i], strict=True)
-            ]
-            out.append(ImagePrediction(
-                label=top[0]["label"], class_name=top[0]["class_name"], score=top[0]["score"],
-                top_k=top,
-                open_set=bool(result.gate.open_set[rows][i]),
-                open_set_score=float(result.gate.open_set_score[rows][i]),
-            ))  # fmt: skip
+        k = min(max(top_ks), result.probs.shape[1])
+        scores, labels = (t.tolist() for t in result.probs.topk(k, dim=1))
+        open_set, open_score = result.gate.open_set.tolist(), result.gate.open_set_score.tolist()
+        out, row = [], 0
+        for size, top_k in zip(sizes, top_ks, strict=True):
+            answers = []
+            for i in range(row, row + size):
+                top = [
+                    {"label": c, "class_name": names[c], "score": s}
+                    for s, c in zip(scores[i][:top_k], labels[i][:top_k], strict=True)
+                ]
+                answers.append(ImagePrediction(
+                    label=top[0]["label"], class_name=top[0]["class_name"], score=top[0]["score"],
+                    top_k=top, open_set=bool(open_set[i]), open_set_score=float(open_score[i]),
+                ))  # fmt: skip
+            out.append(answers)
+            row += size
         return out
 
     async def _commit(self, w: _StreamWork, degraded: bool) -> None:
@@ -357,3 +359,20 @@ class DataPlane:
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
+
+
+def _observations(result: ForwardResult, sizes: list[int]) -> list[Observation]:
+    """Each job's observation (its rows of the batch), from one split per tensor."""
+    moments = [(m.split(sizes), v.split(sizes)) for m, v in result.moments]
+    probs, logits = result.probs.split(sizes), result.raw_logits.split(sizes)
+    accepted, open_set = result.gate.accepted.split(sizes), result.gate.open_set.split(sizes)
+    return [
+        Observation(
+            moments=[(means[r], variances[r]) for means, variances in moments],
+            probs=probs[r],
+            logits=logits[r],
+            accepted=accepted[r],
+            open_set=open_set[r],
+        )
+        for r in range(len(sizes))
+    ]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 import threading
+from typing import Any
 
 import torch
 
@@ -48,16 +49,23 @@ class GroupLabels:
         return OTHER
 
 
-def bn_statistics_distance(state: StateTensors, source: SourceModel) -> float | None:
-    """Mean standardized distance of a state's BN means from the source means."""
-    distances = []
-    for layer, norm in enumerate(source.layers):
-        mean = state.get(f"bn.{layer}.mean")
-        if mean is None:
+class BnStatisticsDistance:
+    """Mean over layers of the mean standardized distance |mu_stream - mu_source| /
+    sigma_source of a state's BN means, as one weighted sum over all channels."""
+
+    def __init__(self, source: SourceModel) -> None:
+        layers = source.layers
+        self._keys = [f"bn.{layer}.mean" for layer in range(len(layers))]
+        self._mean = torch.cat([n.running_mean for n in layers] + [torch.zeros(0)])
+        self._weight = torch.cat([
+            1.0 / (len(layers) * n.channels * n.running_var.clamp_min(1e-5).sqrt()) for n in layers
+        ] + [torch.zeros(0)])  # fmt: skip
+
+    def __call__(self, state: StateTensors) -> float | None:
+        if not self._keys or any(key not in state for key in self._keys):
             return None
-        std = norm.running_var.clamp_min(1e-5).sqrt()
-        distances.append(((mean - norm.running_mean).abs() / std).mean())
-    return float(torch.stack(distances).mean()) if distances else None
+        means = torch.cat([state[key].reshape(-1) for key in self._keys])
+        return float(((means - self._mean).abs() * self._weight).sum())
 
 
 class DriftTracker:
@@ -74,12 +82,13 @@ class DriftTracker:
         self._source = source
         self._atc = calibration.atc_threshold if calibration else None
         self._m = per_sample_momentum
-        self._ema: dict[tuple[str, str], torch.Tensor] = {}
+        self._ema: dict[tuple[str, str], torch.Tensor | float] = {}
+        self._bn_distance = BnStatisticsDistance(source)
         if calibration is not None:
             metrics.source_entropy.set(calibration.mean_entropy)
             metrics.source_accuracy.set(calibration.accuracy)
 
-    def _update(self, group: str, name: str, value: torch.Tensor, n: int) -> torch.Tensor:
+    def _update(self, group: str, name: str, value: torch.Tensor | float, n: int) -> Any:
         key = (group, name)
         old = self._ema.get(key)
         momentum = 1.0 - (1.0 - self._m) ** n
@@ -88,7 +97,7 @@ class DriftTracker:
         return new
 
     def observe(self, group: str, probs: torch.Tensor, raw_logits: torch.Tensor) -> None:
-        """Record a request's predictions (probabilities after correction)."""
+        """Record predictions (probabilities after correction): a request's, or a group's in one batch."""
         n = probs.shape[0]
         if n == 0:
             return
@@ -103,7 +112,7 @@ class DriftTracker:
 
     def observe_state(self, group: str, state: StateTensors) -> None:
         """Record a stream's adapted state after an update."""
-        distance = bn_statistics_distance(state, self._source)
+        distance = self._bn_distance(state)
         if distance is not None:
-            value = self._update(group, "bn_distance", torch.tensor(distance), 64)
-            self._metrics.group_bn_distance.labels(group=group).set(float(value))
+            value = self._update(group, "bn_distance", distance, 64)
+            self._metrics.group_bn_distance.labels(group=group).set(value)

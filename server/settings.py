@@ -35,7 +35,9 @@ class Settings(BaseSettings):
 
     # batching
     max_batch_size: int = Field(128, ge=1, description="images per forward pass")
-    max_batch_wait_ms: float = Field(2.0, ge=0)
+    max_batch_wait_ms: float = Field(2.0, ge=0, description="wait for more jobs after the first (while other streams are active)")  # fmt: skip
+    max_batch_gather_ms: float = Field(100.0, ge=0, description="at most this long gathering the jobs of active streams that keep arriving")  # fmt: skip
+    batch_active_window_ms: float = Field(2000.0, gt=0, description="a stream that submitted this recently is expected in the next batch")  # fmt: skip
     max_queue_images: int = Field(4096, ge=1, description="queued images before 503")
     torch_threads: int = Field(0, ge=0, description="0: torch's default")
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StoredRecord:
     """A stored state blob and the version it was written at (versions start at 1)."""
 

@@ -101,3 +101,70 @@ def test_bounded_queue_rejects_with_overloaded():
         await batcher.stop()
 
     asyncio.run(run())
+
+
+def _recording_batcher(max_wait_s, max_gather_s, sizes):
+    async def handler(jobs):
+        sizes.append([job.stream_id for job in jobs])
+        await asyncio.sleep(0.005)  # a forward pass: jobs queue up meanwhile
+        for job in jobs:
+            job.future.set_result("ok")
+
+    return CrossStreamBatcher(handler, max_batch_images=64, max_wait_s=max_wait_s, max_queue_images=256, max_gather_s=max_gather_s)  # fmt: skip
+
+
+def test_lone_stream_is_not_delayed_by_the_batch_wait():
+    async def run():
+        batches = []
+        batcher = _recording_batcher(max_wait_s=0.5, max_gather_s=0.5, sizes=batches)
+        batcher.start()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        for _ in range(5):  # one request at a time, like a single closed-loop client
+            await batcher.submit(PredictJob("solo", None, torch.zeros(1, 3, 2, 2)))
+        elapsed = loop.time() - started
+        await batcher.stop()
+        return batches, elapsed
+
+    batches, elapsed = asyncio.run(run())
+    assert batches == [["solo"]] * 5
+    assert elapsed < 0.25  # far below one 0.5 s wait
+
+
+def test_active_streams_are_gathered_into_one_batch_and_the_gathering_is_bounded():
+    async def run():
+        batches = []
+        batcher = _recording_batcher(max_wait_s=0.001, max_gather_s=0.3, sizes=batches)
+        batcher.start()
+
+        async def client(name, delay):  # closed loop: the next request after the answer
+            for _ in range(3):
+                await asyncio.sleep(delay)
+                await batcher.submit(PredictJob(name, None, torch.zeros(1, 3, 2, 2)))
+
+        # 4 streams whose requests arrive a few ms apart (as when HTTP parsing is the bound)
+        await asyncio.gather(*(client(f"s{i}", 0.004 * i) for i in range(4)))
+        await batcher.stop()
+        return batches
+
+    batches = asyncio.run(run())
+    assert sum(len(b) for b in batches) == 12
+    # once every stream is known as active, its requests meet in one batch
+    assert any(sorted(b) == ["s0", "s1", "s2", "s3"] for b in batches[1:])
+
+
+def test_gathering_stops_when_an_active_stream_stops_sending():
+    async def run():
+        batches = []
+        batcher = _recording_batcher(max_wait_s=0.001, max_gather_s=0.2, sizes=batches)
+        batcher.start()
+        await asyncio.gather(*(batcher.submit(PredictJob(s, None, torch.zeros(1, 3, 2, 2))) for s in ("a", "b")))  # fmt: skip
+        await asyncio.gather(*(batcher.submit(PredictJob(s, None, torch.zeros(1, 3, 2, 2))) for s in ("a", "b")))  # fmt: skip
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await batcher.submit(PredictJob("a", None, torch.zeros(1, 3, 2, 2)))  # b went quiet
+        waited = loop.time() - started
+        await batcher.stop()
+        return waited
+
+    assert asyncio.run(run()) < 0.15  # the idle timeout ends the wait well before the cap

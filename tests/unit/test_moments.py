@@ -39,3 +39,32 @@ def test_mix_with_weight_zero_is_bit_exact_and_mixture_matches_pooled_data():
     m, v = mix_moments(ma, va, mb, vb, 50 / 150)
     torch.testing.assert_close(m, both.mean(0))
     torch.testing.assert_close(v, both.var(0, unbiased=False))
+
+
+def test_fast_paths_equal_the_general_arithmetic_bit_for_bit():
+    torch.manual_seed(1)
+    mean, var = torch.randn(4, 6), torch.rand(4, 6)
+    ones = Segments.from_sizes([1, 1, 1, 1])
+    shuffled = Segments(index=torch.tensor([1, 0, 2, 3]), sizes=torch.ones(4))
+    assert ones.singletons and not shuffled.singletons
+    assert not Segments.from_sizes([2, 1, 1]).singletons
+    general = Segments(index=ones.index, sizes=ones.sizes.clone())
+    object.__setattr__(general, "singletons", False)  # force the general path
+    for got, want in zip(segment_moments(mean, var, ones), segment_moments(mean, var, general), strict=True):  # fmt: skip
+        assert torch.equal(got, want)
+    pm, pv = pooled_moments(mean[:1], var[:1])
+    assert torch.equal(pm, mean[:1].mean(0)) and torch.equal(pv, (var[:1] + 0.0).mean(0))
+    a_mean, a_var = torch.randn(1, 6), torch.rand(1, 6)
+    for w in (0.0, 1.0):
+        m, v = mix_moments(a_mean, a_var, mean, var, w)
+        assert m.shape == v.shape == (4, 6)
+        assert torch.equal(m, (1 - w) * a_mean + w * mean)
+        assert torch.equal(v, (1 - w) * a_var + w * var + w * (1 - w) * (a_mean - mean).square())
+
+
+def test_sample_moments_match_torch_var_mean():
+    x = torch.randn(3, 5, 7, 9) * 4 + 2
+    mean, var = sample_moments(x)
+    want_var, want_mean = torch.var_mean(x, dim=(2, 3), correction=0)
+    torch.testing.assert_close(mean, want_mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(var, want_var, rtol=1e-5, atol=1e-6)

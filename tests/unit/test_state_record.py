@@ -1,7 +1,17 @@
+import json
+
 import pytest
 import torch
+from safetensors.torch import save as st_save
 
-from ttaserve.server.state import StateMismatchError, StreamState, decode_state, encode_state
+from ttaserve.server.state import (
+    SCHEMA_VERSION,
+    StateMismatchError,
+    StreamState,
+    all_finite,
+    decode_state,
+    encode_state,
+)
 
 
 def _state(**kw):
@@ -23,7 +33,7 @@ def test_other_model_or_schema_or_garbage_is_a_mismatch_not_a_crash():
     with pytest.raises(StateMismatchError):
         decode_state(blob, "another-model")
     with pytest.raises(StateMismatchError):
-        decode_state(blob.replace(b'\\"schema\\": 1', b'\\"schema\\": 9'), "abc")
+        decode_state(blob.replace(b'\\"schema\\": 2', b'\\"schema\\": 9'), "abc")
     for garbage in [b"", b"\x00" * 4, b"\xff" * 64, blob[:40]]:
         with pytest.raises(StateMismatchError):
             decode_state(garbage, "abc")
@@ -34,3 +44,39 @@ def test_non_finite_state_is_rejected():
     state.tensors["bn.0.mean"][0] = float("nan")
     with pytest.raises(StateMismatchError):
         decode_state(encode_state(state), "abc")
+
+
+def test_round_trip_keeps_order_shapes_and_scalars():
+    tensors = {
+        "z.matrix": torch.arange(6, dtype=torch.float32).reshape(2, 3),
+        "a.scalar": torch.tensor(2.5),
+        "m.empty": torch.zeros(0),
+        "b.vector": torch.rand(4),
+    }
+    state = StreamState(policy="bn", policy_params={}, model_fingerprint="abc", tensors=tensors)
+    decoded = decode_state(encode_state(state), "abc")
+    assert list(decoded.tensors) == list(tensors)
+    for key, tensor in tensors.items():
+        assert decoded.tensors[key].shape == tensor.shape
+        assert torch.equal(decoded.tensors[key], tensor)
+    empty = StreamState(policy="source", policy_params={}, model_fingerprint="abc", tensors={})
+    assert decode_state(encode_state(empty), "abc").tensors == {}
+
+
+def test_schema_1_blob_of_separate_tensors_is_a_mismatch():
+    header = _state().header() | {"schema": 1}
+    old = st_save(dict(_state().tensors), metadata={"ttaserve": json.dumps(header)})
+    assert SCHEMA_VERSION != 1
+    with pytest.raises(StateMismatchError):
+        decode_state(old, "abc")
+
+
+def test_layout_that_does_not_match_the_tensor_is_a_mismatch():
+    blob = encode_state(_state())
+    with pytest.raises(StateMismatchError):
+        decode_state(blob.replace(b"[16]", b"[17]", 1), "abc")
+
+
+def test_all_finite():
+    assert all_finite(_state().tensors) and all_finite({})
+    assert not all_finite({"x": torch.tensor([1.0, float("inf")])})

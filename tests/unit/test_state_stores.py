@@ -14,7 +14,7 @@ from redis_server import RedisServer, find_redis_server
 
 from conftest import free_port
 from ttaserve.server.stores.base import StateStore, StoredRecord, StoreUnavailableError
-from ttaserve.server.stores.memory import InMemoryStateStore
+from ttaserve.server.stores.memory import PAGE, InMemoryStateStore, PagedBlobs
 from ttaserve.server.stores.redis import CircuitBreaker, RedisStateStore
 
 TTL_S = 1.0  # Redis expires keys with millisecond precision; 1 s keeps the test short
@@ -164,6 +164,34 @@ async def test_memory_store_is_bounded_by_lru() -> None:
         StoredRecord(1, b"a"), None, StoredRecord(1, b"c"), StoredRecord(1, b"d"),
     ]  # fmt: skip
     assert (await store.count(), store.evictions) == (3, 1)
+
+
+async def test_memory_store_keeps_page_sized_blobs_in_reused_slots() -> None:
+    store = InMemoryStateStore(max_streams=4, ttl_seconds=None)
+    blobs = PagedBlobs.__new__(PagedBlobs)  # only for slot_size
+    sizes = [PAGE, 2 * PAGE - 24, 3 * PAGE + 1, 100]
+    expected: dict[str, bytes] = {}
+    version: dict[str, int] = {}
+    for step in range(40):  # overwrite across slot sizes, delete, evict
+        name = f"s{step % 6}"
+        data = os.urandom(sizes[step % len(sizes)])
+        (record,) = await store.get_many([name])  # evicted records start again at 0
+        current = record.version if record else 0
+        assert await store.compare_and_set(name, current, StoredRecord(current + 1, data))
+        version[name], expected[name] = current + 1, data
+        if step % 7 == 3:
+            assert await store.delete(name)
+            del version[name], expected[name]
+    assert store.evictions > 0
+    live = [r for r in await store.get_many(list(expected)) if r is not None]
+    assert len(live) == await store.count() <= 4
+    for name, record in zip(expected, await store.get_many(list(expected)), strict=True):
+        if record is not None:
+            assert record.data == expected[name] and record.version == version[name]
+    # freed slots are reused: at most one map per slot size was ever needed
+    assert all(len(maps) == 1 for maps in store._blobs._maps.values())
+    assert blobs.slot_size(PAGE + 1) == 2 * PAGE and blobs.slot_size(0) == PAGE
+    await store.close()
 
 
 # --- Redis store ----------------------------------------------------------------------------
