@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ttaserve.adapters.class_moments import class_sensitivity
 from ttaserve.adapters.moments import Segments, mix_moments, pooled_moments, segment_moments
 from ttaserve.adapters.policy import (
     Normalization,
@@ -38,6 +39,7 @@ from ttaserve.adapters.stream_norm import StreamNorm
 
 SAMPLES_KEY = "bn.samples"
 DIVERSITY_KEY = "bn.diversity"  # EMA of requests' prediction diversity (1 = i.i.d.-like)
+SENSITIVITY_KEY = "bn.class_sensitivity"  # (L,) per model, kept in the state to stay pure
 
 
 def state_keys(layer: int) -> tuple[str, str]:
@@ -73,6 +75,11 @@ class EmaStatistics:
     # shift does not bias the stream's BN statistics (RoTTA's class-balanced feed, without
     # a memory bank).
     class_balanced: bool = False
+    # With `class_sensitivity_scale` (tau), a request's own weight in layer l uses
+    # request_prior * (1 + s_l / tau), where s_l is how far the source's class means spread
+    # in that layer (in source-variance units): deep, class-specific layers trust one
+    # request's class-biased moments less than the early layers that see the corruption.
+    class_sensitivity_scale: float | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
@@ -89,17 +96,22 @@ class EmaStatistics:
 
     def init_state(self, source: SourceModel) -> StateTensors:
         state: StateTensors = {SAMPLES_KEY: torch.zeros(1), DIVERSITY_KEY: torch.ones(1)}
+        if self.class_sensitivity_scale is not None:
+            state[SENSITIVITY_KEY] = _class_sensitivity(source)
         for layer, norm in enumerate(source.layers):
             mean_key, var_key = state_keys(layer)
             state[mean_key] = norm.running_mean.clone()
             state[var_key] = norm.running_var.clone()
         return state
 
-    def _request_weight(self, state: StateTensors, n: torch.Tensor) -> torch.Tensor:
+    def _request_weight(self, state: StateTensors, n: torch.Tensor, layer: int) -> torch.Tensor:
         history = self.momentum(n, state[SAMPLES_KEY].flatten())
         if self.request_prior is None:
             return history
-        own = n / (n + self.request_prior)
+        prior = torch.as_tensor(self.request_prior)
+        if self.class_sensitivity_scale is not None and SENSITIVITY_KEY in state:
+            prior = prior * (1 + state[SENSITIVITY_KEY][..., layer].flatten() / self.class_sensitivity_scale)  # fmt: skip
+        own = n / (n + prior)
         if not self.adaptive_request_weight:
             return own
         iid = state[DIVERSITY_KEY].flatten() >= self.diversity_threshold
@@ -124,7 +136,7 @@ class EmaStatistics:
     ) -> Normalization:
         mean_key, var_key = state_keys(layer)
         req_mean, req_var = segment_moments(mean, var, segments)
-        w = self._request_weight(state, segments.sizes)
+        w = self._request_weight(state, segments.sizes, layer)
         tgt_mean, tgt_var = mix_moments(state[mean_key], state[var_key], req_mean, req_var, w.unsqueeze(1))  # fmt: skip
         return source_mixed_normalization(norm, tgt_mean, tgt_var, self.alpha, segments)
 
@@ -146,6 +158,12 @@ class EmaStatistics:
         if n >= self.diversity_min_batch:
             new_state[DIVERSITY_KEY] = 0.7 * state[DIVERSITY_KEY] + 0.3 * prediction_diversity(obs.probs, source.prior)  # fmt: skip
         return new_state
+
+
+def _class_sensitivity(source: SourceModel) -> torch.Tensor:
+    if source.class_moments is None:  # a package without class statistics: no layer differs
+        return torch.zeros(len(source.layers))
+    return class_sensitivity(source.class_moments, [norm.running_var for norm in source.layers])
 
 
 def prediction_diversity(probs: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:

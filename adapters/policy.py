@@ -9,12 +9,15 @@ lets a store re-apply an update after a compare-and-set conflict without a secon
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import torch
 
 from ttaserve.adapters.moments import Segments, mix_moments
 from ttaserve.adapters.stream_norm import StreamNorm
+
+if TYPE_CHECKING:
+    from ttaserve.adapters.label_shift_adapter import LabelShiftAdapter
 
 StateTensors = dict[str, torch.Tensor]
 
@@ -54,6 +57,9 @@ class SourceModel:
     mean_entropy: float | None = None  # mean prediction entropy on source data
     confusion: torch.Tensor | None = None  # (K, K) P(pred=i, true=j) on source data
     temperature: float = 1.0
+    label_adapter: LabelShiftAdapter | None = None  # trained label shift adapter, if packaged
+    # per layer: class-conditional input means and variances (K, C) on source data
+    class_moments: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def layer_statistics(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.layers[layer].running_mean, self.layers[layer].running_var

@@ -5,7 +5,8 @@ Formats:
 - `torch_export`: a `model.pt2` program from `torch.export`, whose batch norms are
   rewritten into stream norms at load time.
 Calibration figures measured on held-out labelled source data live in the card;
-calibration arrays (the confusion matrix) in `calibration.safetensors`.
+calibration arrays (the confusion matrix) in `calibration.safetensors`; an optional
+trained label shift adapter in `label_adapter.safetensors`.
 Nothing is downloaded and nothing is unpickled.
 """
 
@@ -21,11 +22,16 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from pydantic import BaseModel, Field, field_validator
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ttaserve.adapters.class_moments import class_conditional_moments
+from ttaserve.adapters.label_shift_adapter import LabelShiftAdapter, adapter_from_tensors
 from ttaserve.adapters.stream_norm import (
+    NormContext,
     StreamNorm,
+    active_context,
     convert_batchnorm_modules,
     tap_classifier_features,
 )
@@ -35,6 +41,7 @@ from ttaserve.server.graph_rewrite import load_exported_program
 
 CARD_FILE = "model.json"
 CALIBRATION_FILE = "calibration.safetensors"
+LABEL_ADAPTER_FILE = "label_adapter.safetensors"
 WEIGHTS_FILES = {"state_dict": "weights.safetensors", "torch_export": "model.pt2"}
 
 
@@ -98,6 +105,9 @@ class LoadedModel:
     layers: list[StreamNorm]
     directory: Path
     confusion: torch.Tensor | None  # (K, K) P(predicted=i, true=j) on source data
+    # per BN layer: class-conditional input means and variances (K, C) on source data
+    class_moments: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    label_adapter: LabelShiftAdapter | None = None  # `ttaserve train-label-adapter`
 
     @property
     def num_classes(self) -> int:
@@ -136,10 +146,37 @@ def load_package(directory: str | Path) -> LoadedModel:
     else:
         module, layers = load_exported_program(str(weights))
     module.requires_grad_(False)
-    confusion = None
+    confusion, class_moments = None, None
     if (directory / CALIBRATION_FILE).is_file():
-        confusion = load_file(directory / CALIBRATION_FILE).get("confusion")
-    return LoadedModel(card, module, layers, directory, confusion)
+        tensors = load_file(directory / CALIBRATION_FILE)
+        confusion = tensors.get("confusion")
+        class_moments = _class_moments(tensors, len(layers))
+    label_adapter = _label_adapter(directory, card)
+    return LoadedModel(card, module, layers, directory, confusion, class_moments, label_adapter)
+
+
+def _label_adapter(directory: Path, card: ModelCard) -> LabelShiftAdapter | None:
+    """The package's trained label shift adapter, if it has one (safetensors, no pickle)."""
+    path = directory / LABEL_ADAPTER_FILE
+    if not path.is_file():
+        return None
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata() or {}
+        tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (not a dict)
+    if metadata.get("model_fingerprint") != card.fingerprint:
+        raise ValueError(f"{path} was trained for other weights; retrain it with `ttaserve train-label-adapter`")  # fmt: skip
+    adapter = adapter_from_tensors(tensors, metadata)
+    if adapter.num_classes != len(card.class_names):
+        raise ValueError(f"{path} has {adapter.num_classes} classes, the model {len(card.class_names)}")  # fmt: skip
+    return adapter
+
+
+def _class_moments(tensors: dict[str, torch.Tensor], num_layers: int) -> list[tuple[torch.Tensor, torch.Tensor]] | None:  # fmt: skip
+    """Per-layer class-conditional moments from calibration tensors, if all are there."""
+    keys = [(f"class_mean.{layer}", f"class_var.{layer}") for layer in range(num_layers)]
+    if not keys or any(m not in tensors or v not in tensors for m, v in keys):
+        return None
+    return [(tensors[m], tensors[v]) for m, v in keys]
 
 
 def write_package(
@@ -193,6 +230,27 @@ def _best_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float(grid[int(np.argmin(nll))])
 
 
+def _source_pass(model: LoadedModel, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
+    """Source logits, and every BN layer's class-conditional input moments, of labelled `x`."""
+
+    def source_statistics(_layer: int, _mean: torch.Tensor, _var: torch.Tensor, norm: StreamNorm) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        return norm.running_mean.unsqueeze(0), norm.running_var.unsqueeze(0)
+
+    logits, moments = [], [[] for _ in model.layers]
+    for start in range(0, len(x), 500):
+        ctx = NormContext(statistics=source_statistics)
+        with active_context(ctx):
+            logits.append(model.module(x[start : start + 500]))
+        for layer, (mean, var) in ctx.moments.items():
+            moments[layer].append((mean, var))
+    tensors: dict[str, torch.Tensor] = {}
+    for layer, parts in enumerate(moments):
+        mean, var = torch.cat([m for m, _ in parts]), torch.cat([v for _, v in parts])
+        class_mean, class_var = class_conditional_moments(mean, var, y, model.num_classes)
+        tensors[f"class_mean.{layer}"], tensors[f"class_var.{layer}"] = class_mean.contiguous(), class_var.contiguous()  # fmt: skip
+    return torch.cat(logits), tensors
+
+
 @torch.no_grad()
 def calibrate_package(directory: str | Path, images: np.ndarray, labels: np.ndarray) -> Calibration:
     """Measure calibration figures of the source model on held-out labelled data (uint8 NHWC)."""
@@ -201,8 +259,8 @@ def calibrate_package(directory: str | Path, images: np.ndarray, labels: np.ndar
     if images.shape[1:] != (spec.height, spec.width, spec.channels):
         raise ValueError(f"calibration images are {images.shape[1:]}, the model takes {(spec.height, spec.width, spec.channels)}")  # fmt: skip
     x = images_to_tensor(images, tuple(spec.mean), tuple(spec.std))
-    logits = torch.cat([model.module(x[i : i + 500]) for i in range(0, len(x), 500)])
     y = torch.as_tensor(labels, dtype=torch.int64)
+    logits, class_moments = _source_pass(model, x, y)
     probs = logits.softmax(1)
     confidence, predicted = probs.max(1)
     accuracy = (predicted == y).float().mean().item()
@@ -223,7 +281,7 @@ def calibrate_package(directory: str | Path, images: np.ndarray, labels: np.ndar
     )
     card = model.card.model_copy(update={"calibration": calibration})
     directory = Path(directory)
-    save_file({"confusion": confusion / len(y)}, directory / CALIBRATION_FILE)
+    save_file({"confusion": confusion / len(y), **class_moments}, directory / CALIBRATION_FILE)
     (directory / CARD_FILE).write_text(card.model_dump_json(indent=2) + "\n")
     assert math.isfinite(calibration.mean_entropy)
     return calibration

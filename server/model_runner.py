@@ -62,6 +62,8 @@ class ModelRunner:
             mean_entropy=calibration.mean_entropy if calibration else None,
             confusion=model.confusion,
             temperature=calibration.temperature if calibration else 1.0,
+            class_moments=model.class_moments,
+            label_adapter=model.label_adapter,
         )
 
     @property

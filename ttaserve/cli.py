@@ -1,4 +1,4 @@
-"""The `ttaserve` command: serve, package, train-demo (and the benchmarks)."""
+"""The `ttaserve` command: serve, package, train-demo, train-label-adapter (and the benchmarks)."""
 
 from __future__ import annotations
 
@@ -71,6 +71,23 @@ def _train_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_label_adapter(args: argparse.Namespace) -> int:
+    import torch
+
+    from ttaserve.datasets import default_cifar10_dir
+    from ttaserve.label_adapter_training import LabelAdapterConfig, train_label_adapter_for_package
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = LabelAdapterConfig(steps=args.steps, seed=args.seed)
+    data = Path(args.data) if args.data else default_cifar10_dir()
+    held_out = {} if args.held_out_per_class is None else {"held_out_per_class": args.held_out_per_class}  # fmt: skip
+    figures = train_label_adapter_for_package(Path(args.model), data, cfg, **held_out)
+    print(json.dumps({k: round(v, 4) for k, v in figures.items()}, indent=2))
+    print(f"wrote {Path(args.model) / 'label_adapter.safetensors'}")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     if args.kind == "accuracy":
         from ttaserve.bench.accuracy import main as bench_main
@@ -113,6 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--threads", type=int, default=0)
     train.add_argument("--restarts", default="", help="warm restarts after the main schedule, averaged: EPOCHS:PEAK_LR,... e.g. 8:0.03,12:0.08")  # fmt: skip
     train.set_defaults(func=_train_demo)
+
+    lsa = sub.add_parser("train-label-adapter", help="train a package's label shift adapter on labelled source data")  # fmt: skip
+    lsa.add_argument("--model", required=True, help="model package folder; label_adapter.safetensors is written there")  # fmt: skip
+    lsa.add_argument("--data", help="folder with the source train.npz (default: the shared CIFAR-10)")  # fmt: skip
+    lsa.add_argument("--held-out-per-class", type=int, help="per-class calibration split of train.npz to leave out (seed 0; default: train-demo's); 0: none")  # fmt: skip
+    lsa.add_argument("--steps", type=int, default=600)
+    lsa.add_argument("--seed", type=int, default=0)
+    lsa.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    lsa.set_defaults(func=_train_label_adapter)
 
     bench = sub.add_parser("bench", help="benchmarks: 'accuracy' (adaptation) or 'serve' (throughput)")  # fmt: skip
     bench.add_argument("kind", choices=["accuracy", "serve"])
