@@ -1,7 +1,8 @@
 """A policy is a composition of small pieces, not a class hierarchy.
 
 - one *statistics* piece decides what each sample is normalized with (source, batch,
-  per-stream EMA, UnMix-TNS components) and how the stream's statistics update;
+  per-stream EMA, UnMix-TNS components) and how the stream's statistics update; it may
+  `prepare` per-forward values that all its layers share (computed once per forward);
 - optional *affine* piece (gradient policies) supplies per-stream BN weight and bias;
 - *output* pieces correct the logits (label-prior correction, LAME);
 - *gate* pieces decide which samples may update the state and which are open-set;
@@ -115,6 +116,11 @@ class ComposedPolicy:
             if hasattr(piece, "init_state"):
                 state.update(piece.init_state(source))
         return state
+
+    def prepare(self, state: StateTensors, segments: Segments) -> StateTensors:
+        """Per-forward values of the statistics piece (its optional `prepare`), computed once."""
+        prepare = getattr(self.statistics, "prepare", None)
+        return {} if prepare is None else prepare(state, segments)
 
     def layer_statistics(
         self,

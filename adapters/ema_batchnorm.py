@@ -21,6 +21,7 @@ robust BN (Yuan et al. 2023: momentum 0.05 per batch of 64, normalize after upda
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -40,8 +41,12 @@ from ttaserve.adapters.stream_norm import StreamNorm
 SAMPLES_KEY = "bn.samples"
 DIVERSITY_KEY = "bn.diversity"  # EMA of requests' prediction diversity (1 = i.i.d.-like)
 SENSITIVITY_KEY = "bn.class_sensitivity"  # (L,) per model, kept in the state to stay pure
+# Not stream state: the request weights (R, 1) or (R, L) that `prepare` computes once per
+# forward pass for all layers (ModelRunner passes them to `layer_statistics`, never stores them).
+REQUEST_WEIGHTS_KEY = "bn.forward.request_weights"
 
 
+@functools.cache
 def state_keys(layer: int) -> tuple[str, str]:
     """Names of a layer's stream mean and variance in the state record."""
     return f"bn.{layer}.mean", f"bn.{layer}.var"
@@ -104,18 +109,32 @@ class EmaStatistics:
             state[var_key] = norm.running_var.clone()
         return state
 
-    def _request_weight(self, state: StateTensors, n: torch.Tensor, layer: int) -> torch.Tensor:
+    def _request_weights(self, state: StateTensors, n: torch.Tensor) -> torch.Tensor:
+        """Each request's weight against its stream's statistics, in every layer at once:
+        (R, 1) when all layers weigh a request alike, (R, L) with class sensitivity."""
         history = self.momentum(n, state[SAMPLES_KEY].flatten())
         if self.request_prior is None:
-            return history
+            return history.unsqueeze(1)
         prior = torch.as_tensor(self.request_prior)
         if self.class_sensitivity_scale is not None and SENSITIVITY_KEY in state:
-            prior = prior * (1 + state[SENSITIVITY_KEY][..., layer].flatten() / self.class_sensitivity_scale)  # fmt: skip
+            sensitivity = state[SENSITIVITY_KEY]  # (R, L) stacked, or one stream's (L,)
+            sensitivity = sensitivity.reshape(-1, sensitivity.shape[-1])
+            prior = prior * (1 + sensitivity / self.class_sensitivity_scale)
+            n, history = n.unsqueeze(1), history.unsqueeze(1)
         own = n / (n + prior)
-        if not self.adaptive_request_weight:
-            return own
-        iid = state[DIVERSITY_KEY].flatten() >= self.diversity_threshold
-        return torch.where(iid, own, history)
+        if self.adaptive_request_weight:
+            iid = state[DIVERSITY_KEY].flatten() >= self.diversity_threshold
+            own = torch.where(iid if own.dim() == 1 else iid.unsqueeze(1), own, history)
+        return own if own.dim() == 2 else own.unsqueeze(1)
+
+    def _request_weight(self, state: StateTensors, n: torch.Tensor, layer: int) -> torch.Tensor:
+        """Each request's weight (R,) against its stream's statistics in `layer`."""
+        w = self._request_weights(state, n)
+        return w[:, layer if w.shape[1] > 1 else 0]
+
+    def prepare(self, state: StateTensors, segments: Segments) -> StateTensors:
+        """Per forward pass: the request weights of every layer, computed once."""
+        return {REQUEST_WEIGHTS_KEY: self._request_weights(state, segments.sizes)}
 
     @staticmethod
     def _balance_weights(state: StateTensors, obs: Observation, source: SourceModel) -> torch.Tensor | None:  # fmt: skip
@@ -136,8 +155,11 @@ class EmaStatistics:
     ) -> Normalization:
         mean_key, var_key = state_keys(layer)
         req_mean, req_var = segment_moments(mean, var, segments)
-        w = self._request_weight(state, segments.sizes, layer)
-        tgt_mean, tgt_var = mix_moments(state[mean_key], state[var_key], req_mean, req_var, w.unsqueeze(1))  # fmt: skip
+        w = state.get(REQUEST_WEIGHTS_KEY)  # prepared by the runner, once per forward
+        if w is None:
+            w = self._request_weights(state, segments.sizes)
+        w = w[:, layer : layer + 1] if w.shape[1] > 1 else w  # (R, 1)
+        tgt_mean, tgt_var = mix_moments(state[mean_key], state[var_key], req_mean, req_var, w)
         return source_mixed_normalization(norm, tgt_mean, tgt_var, self.alpha, segments)
 
     def update(self, state: StateTensors, obs: Observation, source: SourceModel) -> StateTensors:
@@ -149,15 +171,39 @@ class EmaStatistics:
         momentum = self.momentum(n, seen)
         new_state = dict(state)
         weights = self._balance_weights(state, obs, source) if self.class_balanced else None
-        for layer, (mean, var) in enumerate(obs.moments):
-            mean_key, var_key = state_keys(layer)
-            obs_mean, obs_var = pooled_moments(mean, var, weights)
-            new_mean, new_var = mix_moments(state[mean_key], state[var_key], obs_mean, obs_var, momentum)  # fmt: skip
-            new_state[mean_key], new_state[var_key] = new_mean, new_var.clamp_min(0.0)
+        if obs.moments:
+            new_state.update(_updated_statistics(state, obs.moments, weights, momentum))
         new_state[SAMPLES_KEY] = seen + n
         if n >= self.diversity_min_batch:
             new_state[DIVERSITY_KEY] = 0.7 * state[DIVERSITY_KEY] + 0.3 * prediction_diversity(obs.probs, source.prior)  # fmt: skip
         return new_state
+
+
+def _updated_statistics(
+    state: StateTensors,
+    moments: list[tuple[torch.Tensor, torch.Tensor]],
+    weights: torch.Tensor | None,
+    momentum: torch.Tensor,
+) -> StateTensors:
+    """Every layer's stream statistics moved towards the samples' pooled moments.
+
+    All layers in one go, their channels side by side: the mix is elementwise, so each value
+    is the one a mix per layer gives (the new state tensors are views of one buffer)."""
+    keys = [state_keys(layer) for layer in range(len(moments))]
+    if moments[0][0].shape[0] == 1:  # pooling one sample reduces nothing: all layers at once
+        means, variances = torch.cat([m for m, _ in moments], 1), torch.cat([v for _, v in moments], 1)  # fmt: skip
+        obs_mean, obs_var = pooled_moments(means, variances, weights)
+    else:  # per layer: a reduction's summation order depends on the width of its input
+        pooled = [pooled_moments(mean, var, weights) for mean, var in moments]
+        obs_mean, obs_var = torch.cat([m for m, _ in pooled]), torch.cat([v for _, v in pooled])
+    old_mean = torch.cat([state[mean_key] for mean_key, _ in keys])
+    old_var = torch.cat([state[var_key] for _, var_key in keys])
+    new_mean, new_var = mix_moments(old_mean, old_var, obs_mean, obs_var, momentum)
+    sizes = [mean.shape[-1] for mean, _ in moments]
+    updated: StateTensors = {}
+    for (mean_key, var_key), mean, var in zip(keys, new_mean.split(sizes), new_var.clamp_min(0.0).split(sizes), strict=True):  # fmt: skip
+        updated[mean_key], updated[var_key] = mean, var
+    return updated
 
 
 def _class_sensitivity(source: SourceModel) -> torch.Tensor:

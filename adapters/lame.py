@@ -61,8 +61,8 @@ class LameCorrection:
         return bool(entropy(marginal)[0] < self.diversity_ratio * entropy(source_prior.unsqueeze(0))[0])  # fmt: skip
 
     def correct(self, view: BatchView, logits: torch.Tensor) -> torch.Tensor:
-        if view.features is None:
-            return logits
+        if view.features is None or not bool((view.segments.sizes >= self.min_batch).any()):
+            return logits  # no request large enough to smooth
         out = logits.clone()
         probs = logits.softmax(1)
         bounds = torch.cumsum(view.segments.sizes.long(), 0)

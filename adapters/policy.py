@@ -40,8 +40,13 @@ def source_mixed_normalization(
 ) -> Normalization:
     """Per-request statistics (R, C) mixed with the layer's source statistics by `alpha`,
     gathered per sample. With alpha = 0 the result is exactly the source statistics."""
-    mu, sigma2 = mix_moments(norm.running_mean.unsqueeze(0), norm.running_var.unsqueeze(0), mean, var, alpha)  # fmt: skip
-    return Normalization(mu[segments.index], sigma2[segments.index].clamp_min(0.0))
+    if alpha == 1 and mean.dim() == 2:  # what mix_moments returns for a weight of 1
+        mu, sigma2 = mean, var
+    else:
+        mu, sigma2 = mix_moments(norm.running_mean.unsqueeze(0), norm.running_var.unsqueeze(0), mean, var, alpha)  # fmt: skip
+    if not segments.singletons:  # one sample per request, in order: the gather is the identity
+        mu, sigma2 = mu[segments.index], sigma2[segments.index]
+    return Normalization(mu, sigma2.clamp_min(0.0))
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,9 @@ class Observation:
     open_set: torch.Tensor  # (n,) bool
     samples_seen: int = 0  # samples the stream had seen before this observation
     grads: dict[str, torch.Tensor] = field(default_factory=dict)
+    # subsets already selected (pieces of one update select the same one): a memo that
+    # `replace` does not carry over, so it always matches the fields
+    _selected: dict[str, Observation] = field(default_factory=dict, init=False, repr=False, compare=False)  # fmt: skip
 
     @property
     def requested(self) -> int:
@@ -97,16 +105,26 @@ class Observation:
         raise ValueError(f"unknown sample subset {subset!r}")
 
     def select(self, subset: str) -> Observation:
-        """The observation restricted to a subset of its samples."""
+        """The observation restricted to a subset of its samples (itself when that is all)."""
+        if subset == "all":
+            return self
+        selected = self._selected.get(subset)
+        if selected is not None:
+            return selected
         keep = self.mask(subset)
-        return replace(
+        if bool(keep.all()):
+            return self
+        rows = keep if bool(keep.any()) else slice(0, 0)  # none: the same empty tensors, as views
+        selected = replace(
             self,
-            moments=[(m[keep], v[keep]) for m, v in self.moments],
-            probs=self.probs[keep],
-            logits=self.logits[keep],
-            accepted=self.accepted[keep],
-            open_set=self.open_set[keep],
+            moments=[(m[rows], v[rows]) for m, v in self.moments],
+            probs=self.probs[rows],
+            logits=self.logits[rows],
+            accepted=self.accepted[rows],
+            open_set=self.open_set[rows],
         )
+        self._selected[subset] = selected
+        return selected
 
     @property
     def count(self) -> int:
@@ -161,6 +179,11 @@ class AdaptationPolicy(Protocol):
 
     def init_state(self, source: SourceModel) -> StateTensors:
         """A fresh stream's state: the source model's behaviour."""
+
+    def prepare(self, state: StateTensors, segments: Segments) -> StateTensors:
+        """Per-forward values that every layer's `layer_statistics` shares, computed once
+        from the stacked states (pure). The runner passes `state | prepare(state, segments)`
+        to `layer_statistics`; the keys name no stream state and are never stored."""
 
     def layer_statistics(
         self,

@@ -62,13 +62,18 @@ class PriorCorrection:
         prior = view.state[PRIOR_KEY]  # (R, K)
         if self.batch_em:
             prior = self._request_priors(view, logits, prior, view.source)
-        return logits + prior.clamp_min(1e-8).log()[view.segments.index] - view.source.prior.log()
+        log_prior = prior.clamp_min(1e-8).log()
+        if not view.segments.singletons:  # one sample per request, in order: no gather needed
+            log_prior = log_prior[view.segments.index]
+        return logits + log_prior - view.source.prior.log()
 
     def _request_priors(self, view: BatchView, logits: torch.Tensor, prior: torch.Tensor, source: SourceModel) -> torch.Tensor:  # fmt: skip
         """MAP-EM per request: pi_r = (kappa * pi_t + sum_i q_i) / (kappa + n_r)."""
         seg = view.segments
-        probs = (logits / source.temperature).softmax(1)
         big = (seg.sizes >= self.min_batch).unsqueeze(1)
+        if not bool(big.any()):  # no request large enough: every estimate stays pi_t
+            return prior
+        probs = (logits / source.temperature).softmax(1)
         estimate = prior
         for _ in range(self.batch_em_steps):
             q = probs * (estimate / source.prior)[seg.index]

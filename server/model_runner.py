@@ -8,6 +8,7 @@ own weights never change.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -42,6 +43,8 @@ def stack_states(states: Sequence[StateTensors]) -> StateTensors:
     """Stack per-request state dicts into one dict of (R, ...) tensors."""
     if not states or not states[0]:
         return {}
+    if len(states) == 1:  # the same values as a stack of one, as views
+        return {key: t.unsqueeze(0) for key, t in states[0].items()}
     return {key: torch.stack([s[key] for s in states]) for key in states[0]}
 
 
@@ -84,12 +87,19 @@ class ModelRunner:
         for key in trainable:
             batched[key] = batched[key].detach().requires_grad_(True)
 
+        def mode() -> contextlib.AbstractContextManager[None]:
+            return torch.enable_grad() if trainable else torch.inference_mode()
+
+        prepare = getattr(policy, "prepare", None)
+        with mode():  # per-forward values all layers share: not stream state, never in `batched`
+            prepared = prepare(batched, segments) if prepare is not None else None
+        layer_state = (batched | prepared) if prepared else batched
+
         def statistics(layer: int, mean: torch.Tensor, var: torch.Tensor, norm: StreamNorm) -> Normalization:  # fmt: skip
-            return policy.layer_statistics(layer, batched, mean, var, segments, norm)
+            return policy.layer_statistics(layer, layer_state, mean, var, segments, norm)
 
         ctx = NormContext(statistics=statistics)
-        mode = torch.enable_grad() if trainable else torch.inference_mode()
-        with mode, active_context(ctx):
+        with mode(), active_context(ctx):
             raw = self.model.module(x)
         source_logits = None
         if policy.needs_source_logits:
