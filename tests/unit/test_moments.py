@@ -68,3 +68,12 @@ def test_sample_moments_match_torch_var_mean():
     want_var, want_mean = torch.var_mean(x, dim=(2, 3), correction=0)
     torch.testing.assert_close(mean, want_mean, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(var, want_var, rtol=1e-5, atol=1e-6)
+
+
+def test_sample_moments_of_a_large_batch_equal_those_of_each_sample_alone():
+    x = torch.randn(40, 16, 32, 32) * 3 + 1  # more elements than one chunk of deviations
+    mean, var = sample_moments(x)
+    for i in (0, 17, 39):
+        alone_mean, alone_var = sample_moments(x[i : i + 1])
+        assert torch.equal(mean[i], alone_mean[0]) and torch.equal(var[i], alone_var[0])
+    torch.testing.assert_close(var, x.flatten(2).var(2, correction=0))
