@@ -129,8 +129,7 @@ class EmaStatistics:
 
     def _request_weight(self, state: StateTensors, n: torch.Tensor, layer: int) -> torch.Tensor:
         """Each request's weight (R,) against its stream's statistics in `layer`."""
-        w = self._request_weights(state, n)
-        return w[:, layer if w.shape[1] > 1 else 0]
+        return _layer_column(self._request_weights(state, n), layer)[:, 0]
 
     def prepare(self, state: StateTensors, segments: Segments) -> StateTensors:
         """Per forward pass: the request weights of every layer, computed once."""
@@ -158,8 +157,7 @@ class EmaStatistics:
         w = state.get(REQUEST_WEIGHTS_KEY)  # prepared by the runner, once per forward
         if w is None:
             w = self._request_weights(state, segments.sizes)
-        w = w[:, layer : layer + 1] if w.shape[1] > 1 else w  # (R, 1)
-        tgt_mean, tgt_var = mix_moments(state[mean_key], state[var_key], req_mean, req_var, w)
+        tgt_mean, tgt_var = mix_moments(state[mean_key], state[var_key], req_mean, req_var, _layer_column(w, layer))  # fmt: skip
         return source_mixed_normalization(norm, tgt_mean, tgt_var, self.alpha, segments)
 
     def update(self, state: StateTensors, obs: Observation, source: SourceModel) -> StateTensors:
@@ -177,6 +175,11 @@ class EmaStatistics:
         if n >= self.diversity_min_batch:
             new_state[DIVERSITY_KEY] = 0.7 * state[DIVERSITY_KEY] + 0.3 * prediction_diversity(obs.probs, source.prior)  # fmt: skip
         return new_state
+
+
+def _layer_column(weights: torch.Tensor, layer: int) -> torch.Tensor:
+    """A layer's (R, 1) column of request weights that are (R, L), or shared (R, 1)."""
+    return weights[:, layer : layer + 1] if weights.shape[1] > 1 else weights
 
 
 def _updated_statistics(

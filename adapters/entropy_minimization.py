@@ -67,7 +67,7 @@ class EntropyMinimization:
         self, layer: int, state: StateTensors, segments
     ) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[no-untyped-def]
         w_key, b_key = affine_keys(layer)
-        return state[w_key][segments.index], state[b_key][segments.index]
+        return segments.per_sample(state[w_key]), segments.per_sample(state[b_key])
 
     def _weights(self, h: torch.Tensor, gate: GateResult, k: int) -> torch.Tensor:
         e0 = self.margin * math.log(k)

@@ -127,4 +127,4 @@ class LabelShiftCorrection(PriorCorrection):
         if self.batch_em:
             prior = self._request_priors(view, logits, prior, view.source)
         adapter = view.source.label_adapter
-        return label_shift_correction(adapter, logits, prior[view.segments.index], view.source.prior)  # fmt: skip
+        return label_shift_correction(adapter, logits, view.segments.per_sample(prior), view.source.prior)  # fmt: skip

@@ -36,6 +36,11 @@ class Segments:
         n = len(self.index)
         return n == self.count and bool((self.index == torch.arange(n)).all())
 
+    def per_sample(self, rows: torch.Tensor) -> torch.Tensor:
+        """Per-request rows (R, ...) gathered per sample (N, ...); the rows themselves when
+        every request is one sample, in order (the gather would be the identity)."""
+        return rows if self.singletons else rows[self.index]
+
     @cached_property
     def divisors(self) -> torch.Tensor:
         """Segment sizes as an (R, 1) column, at least 1 (empty segments divide by 1)."""

@@ -40,13 +40,8 @@ def source_mixed_normalization(
 ) -> Normalization:
     """Per-request statistics (R, C) mixed with the layer's source statistics by `alpha`,
     gathered per sample. With alpha = 0 the result is exactly the source statistics."""
-    if alpha == 1 and mean.dim() == 2:  # what mix_moments returns for a weight of 1
-        mu, sigma2 = mean, var
-    else:
-        mu, sigma2 = mix_moments(norm.running_mean.unsqueeze(0), norm.running_var.unsqueeze(0), mean, var, alpha)  # fmt: skip
-    if not segments.singletons:  # one sample per request, in order: the gather is the identity
-        mu, sigma2 = mu[segments.index], sigma2[segments.index]
-    return Normalization(mu, sigma2.clamp_min(0.0))
+    mu, sigma2 = mix_moments(norm.running_mean.unsqueeze(0), norm.running_var.unsqueeze(0), mean, var, alpha)  # fmt: skip
+    return Normalization(segments.per_sample(mu), segments.per_sample(sigma2).clamp_min(0.0))
 
 
 @dataclass(frozen=True)

@@ -62,9 +62,7 @@ class PriorCorrection:
         prior = view.state[PRIOR_KEY]  # (R, K)
         if self.batch_em:
             prior = self._request_priors(view, logits, prior, view.source)
-        log_prior = prior.clamp_min(1e-8).log()
-        if not view.segments.singletons:  # one sample per request, in order: no gather needed
-            log_prior = log_prior[view.segments.index]
+        log_prior = view.segments.per_sample(prior.clamp_min(1e-8).log())
         return logits + log_prior - view.source.prior.log()
 
     def _request_priors(self, view: BatchView, logits: torch.Tensor, prior: torch.Tensor, source: SourceModel) -> torch.Tensor:  # fmt: skip

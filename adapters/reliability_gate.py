@@ -78,10 +78,8 @@ class EnergyOpenSetGate:
     def gate(self, view: BatchView, logits: torch.Tensor) -> GateResult:
         source = view.source
         energy = torch.logsumexp(view.logits / source.temperature, 1)
-        mean, var = view.state[ENERGY_MEAN_KEY].flatten(), view.state[ENERGY_VAR_KEY].flatten()
-        if not view.segments.singletons:  # one sample per request, in order: no gather needed
-            mean, var = mean[view.segments.index], var[view.segments.index]
-        std = var.clamp_min(1e-6).sqrt()
+        mean = view.segments.per_sample(view.state[ENERGY_MEAN_KEY].flatten())
+        std = view.segments.per_sample(view.state[ENERGY_VAR_KEY].flatten()).clamp_min(1e-6).sqrt()
         z = (mean - energy) / std
         threshold = source.energy_threshold if source.energy_threshold is not None else math.inf
         open_set = (z > self.z_threshold) & (energy < threshold)

@@ -78,8 +78,8 @@ class UnmixStatistics:
         norm: StreamNorm,
     ) -> Normalization:
         mean_key, var_key = state_keys(layer)
-        comp_mean = state[mean_key][segments.index]  # (N, K, C)
-        comp_var = state[var_key][segments.index]
+        comp_mean = segments.per_sample(state[mean_key])  # (N, K, C)
+        comp_var = segments.per_sample(state[var_key])
         if self.instance_term:
             p = self._assignment(mean, comp_mean).unsqueeze(2)  # (N, K, 1)
             comp_mean, comp_var = mix_moments(comp_mean, comp_var, mean.unsqueeze(1), var.unsqueeze(1), p)  # fmt: skip
