@@ -51,6 +51,12 @@ def active_context(ctx: NormContext) -> Iterator[NormContext]:
         _ACTIVE.reset(token)
 
 
+def source_statistics(_layer: int, _mean: torch.Tensor, _var: torch.Tensor, norm: StreamNorm) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """`LayerStatistics` of the frozen source model: a context that records the moments a
+    forward pass sees while normalizing exactly as without a context."""
+    return norm.running_mean.unsqueeze(0), norm.running_var.unsqueeze(0)
+
+
 class StreamNorm(nn.Module):
     """A batch-norm layer whose statistics come per sample from the active context."""
 

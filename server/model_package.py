@@ -33,6 +33,7 @@ from ttaserve.adapters.stream_norm import (
     StreamNorm,
     active_context,
     convert_batchnorm_modules,
+    source_statistics,
     tap_classifier_features,
 )
 from ttaserve.architectures import build_architecture
@@ -232,10 +233,6 @@ def _best_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 def _source_pass(model: LoadedModel, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
     """Source logits, and every BN layer's class-conditional input moments, of labelled `x`."""
-
-    def source_statistics(_layer: int, _mean: torch.Tensor, _var: torch.Tensor, norm: StreamNorm) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        return norm.running_mean.unsqueeze(0), norm.running_var.unsqueeze(0)
-
     logits, moments = [], [[] for _ in model.layers]
     for start in range(0, len(x), 500):
         ctx = NormContext(statistics=source_statistics)

@@ -43,7 +43,6 @@ from ttaserve.adapters.label_shift_adapter import (
     label_shift_correction,
 )
 from ttaserve.adapters.prior_correction import em_prior
-from ttaserve.adapters.stream_norm import NormContext, StreamNorm, active_context
 from ttaserve.datasets import LabelledImages, load_npz, stratified_split
 from ttaserve.demo_model import HELD_OUT_PER_CLASS
 from ttaserve.server.decoding import images_to_tensor
@@ -84,10 +83,6 @@ class SourceLogits:
         return SourceLogits(self.logits[index], self.labels[index])
 
 
-def _source_statistics(_layer: int, _mean: torch.Tensor, _var: torch.Tensor, norm: StreamNorm) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    return norm.running_mean.unsqueeze(0), norm.running_var.unsqueeze(0)
-
-
 @torch.inference_mode()
 def source_logits(model: LoadedModel, images: LabelledImages, gen: torch.Generator | None = None, batch_size: int = 500) -> SourceLogits:  # fmt: skip
     """Logits of the frozen source model (source BN statistics), augmented if `gen`."""
@@ -95,8 +90,9 @@ def source_logits(model: LoadedModel, images: LabelledImages, gen: torch.Generat
     logits = []
     for start in tqdm(range(0, len(images), batch_size), desc="source logits", unit="batch"):
         x = images_to_tensor(images.x[start : start + batch_size], tuple(spec.mean), tuple(spec.std))  # fmt: skip
-        with active_context(NormContext(statistics=_source_statistics)):
-            logits.append(model.module(augment(x, gen) if gen is not None else x).float())
+        logits.append(
+            model.module(augment(x, gen) if gen is not None else x).float()
+        )  # no context: source BN
     return SourceLogits(torch.cat(logits), images.y.clone())
 
 
