@@ -87,6 +87,35 @@ def _linear_anneal(opt, steps, start_lrs=None, done=0):  # type: ignore[no-untyp
     return _LinearAnneal(opt, steps, start_lrs, done)
 
 
+def _train_epoch(
+    model: nn.Module,
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    gen: torch.Generator,
+    cfg: TrainConfig,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    criterion: nn.Module,
+    steps: int,
+) -> tuple[float, float]:
+    """One epoch of augmented SGD steps in an order drawn from `gen`: (mean, last) loss."""
+    order = torch.randperm(len(x_train), generator=gen)
+    model.train()
+    total = 0.0
+    for step in range(steps):
+        idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+        xb = augment(x_train[idx], gen).contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            loss = criterion(model(xb), y_train[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        last = loss.item()
+        total += last
+    return total / steps, last
+
+
 def train_classifier(
     train: LabelledImages,
     test: LabelledImages | None,
@@ -136,20 +165,9 @@ def train_classifier(
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     for epoch in range(start_epoch, cfg.epochs):
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-        order = torch.randperm(len(train), generator=gen)
-        model.train()
-        t0, total_loss = time.perf_counter(), 0.0
-        for step in range(steps_per_epoch):
-            idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-            xb = augment(x_train[idx], gen).contiguous(memory_format=torch.channels_last)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-                loss = criterion(model(xb), train.y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total_loss += loss.item()
-        msg = {"epoch": epoch + 1, "loss": round(total_loss / steps_per_epoch, 4),
+        t0 = time.perf_counter()
+        mean_loss, _ = _train_epoch(model, x_train, train.y, gen, cfg, opt, sched, criterion, steps_per_epoch)  # fmt: skip
+        msg = {"epoch": epoch + 1, "loss": round(mean_loss, 4),
                "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
         if test is not None and ((epoch + 1) % 5 == 0 or epoch + 1 == cfg.epochs):
             x_test = images_to_tensor(test.x, CIFAR10_MEAN, CIFAR10_STD)
@@ -198,18 +216,8 @@ def fine_tune(
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     for epoch in range(start, epochs):
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + 500 + epoch)
-        order = torch.randperm(len(train), generator=gen)
-        model.train()
-        for step in range(steps_per_epoch):
-            idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-            xb = augment(x_train[idx], gen).contiguous(memory_format=torch.channels_last)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-                loss = criterion(model(xb), train.y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-        log.info(json.dumps({"finetune_epoch": epoch + 1, "loss": round(loss.item(), 4)}))
+        _, last_loss = _train_epoch(model, x_train, train.y, gen, cfg, opt, sched, criterion, steps_per_epoch)  # fmt: skip
+        log.info(json.dumps({"finetune_epoch": epoch + 1, "loss": round(last_loss, 4)}))
         tmp = path.with_suffix(".tmp")
         torch.save({"epoch": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp)  # fmt: skip
         tmp.replace(path)
