@@ -18,10 +18,12 @@ import torch
 import uvicorn
 from PIL import Image
 
+from ttaserve.adapters.policy import Observation
 from ttaserve.architectures import build_architecture
 from ttaserve.datasets import default_cifar10_dir
 from ttaserve.server.app import create_app
 from ttaserve.server.model_package import InputSpec, LoadedModel, load_package, write_package
+from ttaserve.server.model_runner import ForwardResult
 from ttaserve.server.settings import Settings, bundled_model_path
 
 CLASSES = [f"class{i}" for i in range(10)]
@@ -46,6 +48,19 @@ def make_random_package(directory: Path, seed: int = 0) -> Path:
         class_names=CLASSES,
     )
     return directory
+
+
+def observation_of(result: ForwardResult, rows: slice = slice(None), seen: int = 0) -> Observation:
+    """The observation a request made of `rows` of a forward result (first request's grads)."""
+    return Observation(
+        moments=[(m[rows], v[rows]) for m, v in result.moments],
+        probs=result.probs[rows],
+        logits=result.raw_logits[rows],
+        accepted=result.gate.accepted[rows],
+        open_set=result.gate.open_set[rows],
+        samples_seen=seen,
+        grads={k: g[0] for k, g in result.grads.items()},
+    )
 
 
 @pytest.fixture(scope="session")

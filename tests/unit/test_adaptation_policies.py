@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from conftest import observation_of
 from ttaserve.adapters.collapse_guard import CollapseGuard
 from ttaserve.adapters.composed import ComposedPolicy
 from ttaserve.adapters.ema_batchnorm import EmaStatistics
@@ -17,18 +18,6 @@ from ttaserve.adapters.reliability_gate import CrowdGate, EnergyOpenSetGate, con
 from ttaserve.adapters.unmix_tns import UnmixStatistics
 from ttaserve.server.model_runner import ModelRunner
 from ttaserve.server.state import StreamState, decode_state, encode_state
-
-
-def _observation(result, rows=slice(None), seen=0):
-    return Observation(
-        moments=[(m[rows], v[rows]) for m, v in result.moments],
-        probs=result.probs[rows],
-        logits=result.raw_logits[rows],
-        accepted=result.gate.accepted[rows],
-        open_set=result.gate.open_set[rows],
-        samples_seen=seen,
-        grads={k: g[0] for k, g in result.grads.items()},
-    )
 
 
 def _gaussian_posteriors(prior_t: torch.Tensor, n: int, seed: int = 0):
@@ -101,8 +90,8 @@ def test_unmix_with_one_component_and_no_instance_term_equals_ema_mixing(random_
         if step == 0:
             assert torch.equal(ru.logits, re.logits)
         torch.testing.assert_close(ru.logits, re.logits, atol=1e-5, rtol=1e-5)
-        su = unmix.update(su, _observation(ru), runner.source).state
-        se = ema.update(se, _observation(re), runner.source).state
+        su = unmix.update(su, observation_of(ru), runner.source).state
+        se = ema.update(se, observation_of(re), runner.source).state
         for layer in range(len(runner.layers)):
             torch.testing.assert_close(su[f"unmix.{layer}.mean"][0], se[f"bn.{layer}.mean"], atol=1e-6, rtol=1e-6)  # fmt: skip
             torch.testing.assert_close(su[f"unmix.{layer}.var"][0], se[f"bn.{layer}.var"], atol=1e-6, rtol=1e-6)  # fmt: skip
@@ -155,7 +144,7 @@ def test_tent_gradients_stay_within_their_stream(random_model):
     alone = runner.forward(x[:3], Segments.from_sizes([3]), policy, [fresh])
     for key, grad in alone.grads.items():
         torch.testing.assert_close(result.grads[key][0], grad[0], atol=1e-5, rtol=1e-4)
-    new = policy.update(fresh, _observation(alone, slice(0, 3)), runner.source).state
+    new = policy.update(fresh, observation_of(alone, slice(0, 3)), runner.source).state
     assert any(not torch.equal(new[k], fresh[k]) for k in fresh if k.startswith("affine."))
 
 
@@ -166,7 +155,7 @@ def test_every_policy_round_trips_and_stays_finite_on_black_images(random_model,
     for x in (torch.full((4, 3, 32, 32), -2.0), torch.full((1, 3, 32, 32), -2.0), torch.randn(5, 3, 32, 32)):  # fmt: skip
         result = runner.forward(x, Segments.from_sizes([len(x)]), policy, [state])
         assert torch.isfinite(result.logits).all()
-        state = policy.update(state, _observation(result), runner.source).state
+        state = policy.update(state, observation_of(result), runner.source).state
         assert all(torch.isfinite(t).all() for t in state.values()), name
     record = StreamState(name, policy.params(), "fp", state, version=3, samples_seen=10)
     decoded = decode_state(encode_state(record), "fp")

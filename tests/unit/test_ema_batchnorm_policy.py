@@ -1,24 +1,13 @@
 import torch
 
+from conftest import observation_of
 from ttaserve.adapters.moments import Segments
-from ttaserve.adapters.policy import Observation
 from ttaserve.adapters.registry import build_policy
 from ttaserve.server.model_runner import ModelRunner
 
 
 def _forward(runner, policy, x, states, sizes):
     return runner.forward(x, Segments.from_sizes(sizes), policy, states)
-
-
-def _observe(result, rows, seen):
-    return Observation(
-        moments=[(m[rows], v[rows]) for m, v in result.moments],
-        probs=result.probs[rows],
-        logits=result.raw_logits[rows],
-        accepted=result.gate.accepted[rows],
-        open_set=result.gate.open_set[rows],
-        samples_seen=seen,
-    )
 
 
 def _shifted(n, seed):
@@ -34,7 +23,7 @@ def test_alpha_zero_reproduces_source_exactly_even_after_updates(random_model):
         x = _shifted(8, step)
         result = _forward(runner, frozen_bn, x, [state], [8])
         state = frozen_bn.update(
-            state, _observe(result, slice(0, 8), 8 * step), runner.source
+            state, observation_of(result, slice(0, 8), 8 * step), runner.source
         ).state
     x = _shifted(5, 99)
     expected = _forward(runner, source, x, [{}], [5]).logits
@@ -64,7 +53,7 @@ def test_single_image_stream_moves_statistics_towards_the_target(random_model):
     true_mean = truth.moments[0][0].mean(0)  # first layer: its input does not depend on state
     for i in range(40):
         result = _forward(runner, policy, target[i : i + 1], [state], [1])
-        state = policy.update(state, _observe(result, slice(0, 1), i), runner.source).state
+        state = policy.update(state, observation_of(result, slice(0, 1), i), runner.source).state
     before = (initial["bn.0.mean"] - true_mean).norm()
     after = (state["bn.0.mean"] - true_mean).norm()
     assert after < 0.5 * before
@@ -77,7 +66,7 @@ def test_update_is_pure_and_constant_black_images_keep_state_finite(random_model
     snapshot = {k: v.clone() for k, v in state.items()}
     black = torch.full((4, 3, 32, 32), -2.0)  # a black image after normalization
     result = _forward(runner, policy, black, [state], [4])
-    new = policy.update(state, _observe(result, slice(0, 4), 0), runner.source).state
+    new = policy.update(state, observation_of(result, slice(0, 4), 0), runner.source).state
     assert all(torch.equal(state[k], snapshot[k]) for k in state)
     assert all(torch.isfinite(t).all() for t in new.values())
     assert torch.isfinite(_forward(runner, policy, black[:1], [new], [1]).logits).all()
