@@ -6,8 +6,8 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
-import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -30,12 +30,17 @@ from ttaserve.server.metrics import ServerMetrics
 from ttaserve.server.model_package import LoadedModel, load_package
 from ttaserve.server.model_runner import ModelRunner
 from ttaserve.server.request_body import extract_images
+from ttaserve.server.request_metrics import RequestMetricsMiddleware
 from ttaserve.server.settings import Settings
 from ttaserve.server.state import StreamState, encode_state
 from ttaserve.server.stores.base import StateStore, StoreUnavailableError
 from ttaserve.server.stores.memory import InMemoryStateStore
 
 log = logging.getLogger(__name__)
+
+# Bodies up to this size decode on the event loop (a few 32x32 PNGs take tens of µs);
+# larger ones in the thread pool, so that one big JPEG cannot stall other requests.
+INLINE_DECODE_MAX_BYTES = 64 * 1024
 STREAM_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 StreamId = Annotated[str, Path(pattern=STREAM_ID_PATTERN, description="client-chosen stream name")]  # fmt: skip
 PolicyName = Annotated[str | None, Query(description="adaptation policy (fixed at a stream's first request)")]  # fmt: skip
@@ -132,6 +137,11 @@ def create_app(  # noqa: C901 - a factory of small route closures
         warm = torch.zeros(1, spec.channels, spec.height, spec.width)
         for name in POLICIES:  # warm-up: first forward of each policy before readiness
             await run_in_threadpool(_warm_up, runner, dataplane, name, warm)
+        # The model, policies and libraries live as long as the process: move them out of
+        # the cyclic collector's generations so that its passes over the per-batch garbage
+        # stop re-scanning them (measured ~10 ms per 48-stream batch).
+        gc.collect()
+        gc.freeze()
         status["ready"] = True
         log.info("ttaserve ready: model %s, policy %s", model.card.name, settings.default_policy)
         try:
@@ -144,6 +154,7 @@ def create_app(  # noqa: C901 - a factory of small route closures
             await store.close()
 
     app = FastAPI(title="ttaserve", version=__version__, lifespan=lifespan)
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     app.state.settings, app.state.dataplane, app.state.metrics = settings, dataplane, metrics
 
     @app.exception_handler(ApiError)
@@ -156,15 +167,6 @@ def create_app(  # noqa: C901 - a factory of small route closures
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())  # fmt: skip
         return JSONResponse({"error": {"code": "invalid_request", "message": problems}}, status_code=422)  # fmt: skip
 
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next):  # type: ignore[no-untyped-def]
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = getattr(request.scope.get("route"), "path", "unmatched")
-        metrics.requests.labels(request.method, route, str(response.status_code)).inc()
-        metrics.request_latency.labels(request.method, route).observe(time.perf_counter() - started)  # fmt: skip
-        return response
-
     @app.post("/v1/streams/{stream_id}/predict")
     async def predict(
         request: Request,
@@ -175,7 +177,10 @@ def create_app(  # noqa: C901 - a factory of small route closures
         """Adapted predictions for one or more images of a stream."""
         _check_policy(policy)
         blobs = await extract_images(request, settings.max_body_bytes, settings.max_images_per_request)  # fmt: skip
-        pixels = await run_in_threadpool(decode_all, blobs)
+        if sum(map(len, blobs)) <= INLINE_DECODE_MAX_BYTES:  # a thread hop costs more
+            pixels = decode_all(blobs)
+        else:
+            pixels = await run_in_threadpool(decode_all, blobs)
         job = PredictJob(
             stream_id=stream_id,
             requested_policy=policy,

@@ -89,6 +89,21 @@ def test_health_and_metrics(server):
     assert "cam-m" not in text  # never a stream id as a label
 
 
+def test_request_metrics_count_errors_by_status_and_route(server):
+    def count(text: str, series: str) -> float:
+        line = next((ln for ln in text.splitlines() if ln.startswith(series + " ")), None)
+        return float(line.split()[-1]) if line else 0.0
+
+    predict_415 = 'ttaserve_http_requests_total{method="POST",route="/v1/streams/{stream_id}/predict",status="415"}'  # fmt: skip
+    unmatched_404 = 'ttaserve_http_requests_total{method="GET",route="unmatched",status="404"}'
+    before = httpx.get(f"{server.url}/metrics").text
+    assert _predict(server, "cam-e", content=b"x", headers={"content-type": "text/plain"}).status_code == 415  # fmt: skip
+    assert httpx.get(f"{server.url}/no/such/route").status_code == 404
+    after = httpx.get(f"{server.url}/metrics").text
+    assert count(after, predict_415) == count(before, predict_415) + 1
+    assert count(after, unmatched_404) == count(before, unmatched_404) + 1
+
+
 GOOD = png_bytes(random_images(1)[0])
 
 
