@@ -44,6 +44,9 @@ SENSITIVITY_KEY = "bn.class_sensitivity"  # (L,) per model, kept in the state to
 # Not stream state: the request weights (R, 1) or (R, L) that `prepare` computes once per
 # forward pass for all layers (ModelRunner passes them to `layer_statistics`, never stores them).
 REQUEST_WEIGHTS_KEY = "bn.forward.request_weights"
+# Per forward, (R, 2): each request's running sum of shift distances over the layers seen so
+# far and their count (the covariate-shift gate's accumulator; never stored).
+SHIFT_EVIDENCE_KEY = "bn.forward.shift_evidence"
 
 
 @functools.cache
@@ -85,12 +88,21 @@ class EmaStatistics:
     # in that layer (in source-variance units): deep, class-specific layers trust one
     # request's class-biased moments less than the early layers that see the corruption.
     class_sensitivity_scale: float | None = None
+    # With `shift_gate` (lo, hi), alpha is scaled per request by how far its statistics sit
+    # from the source's, as the forward pass goes: at layer l, d = mean over the layers so
+    # far that are not class-specific of mean_c |log(var_target / var_source)|, and the gate
+    # is clip((d - lo) / (hi - lo), 0, 1). Label shift on clean data leaves those layers'
+    # statistics near the source (d < lo: the source model answers); corruptions move them.
+    shift_gate: tuple[float, float] | None = None
+    class_specific_sensitivity: float = 0.04  # s_l above this: layer l is class-specific
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
         if (self.request_prior or 0) < 0 or self.source_prior < 0 or not 0 < self.momentum_floor <= 1:  # fmt: skip
             raise ValueError("priors must be >= 0 and momentum_floor in (0, 1]")
+        if self.shift_gate is not None and not 0 <= self.shift_gate[0] < self.shift_gate[1]:
+            raise ValueError(f"shift_gate must be (lo, hi) with 0 <= lo < hi, got {self.shift_gate}")  # fmt: skip
 
     def momentum(self, n: torch.Tensor | float, seen: torch.Tensor | float) -> torch.Tensor:
         n, seen = torch.as_tensor(n, dtype=torch.float32), torch.as_tensor(seen, dtype=torch.float32)  # fmt: skip
@@ -133,7 +145,10 @@ class EmaStatistics:
 
     def prepare(self, state: StateTensors, segments: Segments) -> StateTensors:
         """Per forward pass: the request weights of every layer, computed once."""
-        return {REQUEST_WEIGHTS_KEY: self._request_weights(state, segments.sizes)}
+        prepared = {REQUEST_WEIGHTS_KEY: self._request_weights(state, segments.sizes)}
+        if self.shift_gate is not None:
+            prepared[SHIFT_EVIDENCE_KEY] = torch.zeros(segments.count, 2)
+        return prepared
 
     @staticmethod
     def _balance_weights(state: StateTensors, obs: Observation, source: SourceModel) -> torch.Tensor | None:  # fmt: skip
@@ -158,7 +173,26 @@ class EmaStatistics:
         if w is None:
             w = self._request_weights(state, segments.sizes)
         tgt_mean, tgt_var = mix_moments(state[mean_key], state[var_key], req_mean, req_var, _layer_column(w, layer))  # fmt: skip
-        return source_mixed_normalization(norm, tgt_mean, tgt_var, self.alpha, segments)
+        alpha: torch.Tensor | float = self.alpha
+        if self.shift_gate is not None:
+            evidence = state.get(SHIFT_EVIDENCE_KEY)
+            if evidence is None:
+                raise ValueError("the shift gate accumulates over a forward pass: call prepare() first")  # fmt: skip
+            alpha = self.alpha * self._shift_gate(layer, state, evidence, tgt_var, norm)
+        return source_mixed_normalization(norm, tgt_mean, tgt_var, alpha, segments)
+
+    def _shift_gate(self, layer: int, state: StateTensors, evidence: torch.Tensor, tgt_var: torch.Tensor, norm: StreamNorm) -> torch.Tensor:  # fmt: skip
+        """(R, 1) gate of each request's adaptation in `layer`, from the evidence so far."""
+        sensitivity = state.get(SENSITIVITY_KEY)
+        specific = sensitivity is not None and float(sensitivity.reshape(-1, sensitivity.shape[-1])[0, layer]) > self.class_specific_sensitivity  # fmt: skip
+        if not specific:  # accumulate this layer's distance (evidence is per forward)
+            # a decision, not a path for gradients (tent): accumulated detached, in place
+            distance = (tgt_var.detach().clamp_min(1e-12) / norm.running_var.clamp_min(1e-12)).log().abs().mean(1)  # fmt: skip
+            evidence[:, 0] += distance
+            evidence[:, 1] += 1
+        d = evidence[:, 0:1] / evidence[:, 1:2].clamp_min(1)
+        lo, hi = self.shift_gate  # type: ignore[misc]
+        return ((d - lo) / (hi - lo)).clamp(0.0, 1.0)
 
     def update(self, state: StateTensors, obs: Observation, source: SourceModel) -> StateTensors:
         obs = obs.select(self.update_from)

@@ -35,11 +35,11 @@ def source_mixed_normalization(
     norm: StreamNorm,
     mean: torch.Tensor,
     var: torch.Tensor,
-    alpha: float,
+    alpha: float | torch.Tensor,
     segments: Segments,
 ) -> Normalization:
-    """Per-request statistics (R, C) mixed with the layer's source statistics by `alpha`,
-    gathered per sample. With alpha = 0 the result is exactly the source statistics."""
+    """Per-request statistics (R, C) mixed with the layer's source statistics by `alpha`
+    (one value, or (R, 1) per request), gathered per sample. With alpha = 0 the result is exactly the source statistics."""
     mu, sigma2 = mix_moments(norm.running_mean.unsqueeze(0), norm.running_var.unsqueeze(0), mean, var, alpha)  # fmt: skip
     return Normalization(segments.per_sample(mu), segments.per_sample(sigma2).clamp_min(0.0))
 

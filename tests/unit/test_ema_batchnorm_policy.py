@@ -80,3 +80,41 @@ def test_momentum_decays_with_samples_seen_down_to_its_floor():
     assert early == 64 / 80
     assert late == 1 - (1 - 1e-3) ** 64
     assert ema_momentum(1, 10, 16, 1e-3) > ema_momentum(1, 1000, 16, 1e-3)
+
+
+def test_closed_shift_gate_reproduces_source_exactly(random_model):
+    runner, source = ModelRunner(random_model), build_policy("source")
+    gated = build_policy("bn", shift_gate=(100.0, 101.0))  # no input moves statistics that far
+    state = gated.init_state(runner.source)
+    result = _forward(runner, gated, _shifted(8, 0), [state], [8])
+    state = gated.update(state, observation_of(result, slice(0, 8), 0), runner.source).state
+    x = _shifted(5, 99)
+    expected = _forward(runner, source, x, [{}], [5]).logits
+    assert torch.equal(_forward(runner, gated, x, [state], [5]).logits, expected)
+
+
+def test_open_shift_gate_equals_the_ungated_policy(random_model):
+    runner = ModelRunner(random_model)
+    plain, gated = build_policy("bn"), build_policy("bn", shift_gate=(0.0, 1e-9))
+    state = plain.init_state(runner.source)
+    x = _shifted(6, 3)
+    torch.testing.assert_close(
+        _forward(runner, gated, x, [state], [6]).logits,
+        _forward(runner, plain, x, [state], [6]).logits,
+        atol=1e-5,
+        rtol=1e-5,
+    )
+
+
+def test_shift_gate_is_decided_per_request(random_model):
+    """A fractional gate differs between requests; batching them together changes nothing."""
+    runner, policy = ModelRunner(random_model), build_policy("bn", shift_gate=(0.0, 50.0))
+    fresh = policy.init_state(runner.source)
+    a, b = _shifted(3, 1), torch.randn(2, 3, 32, 32) * 0.1  # a strong and a mild shift
+    together = _forward(runner, policy, torch.cat([a, b]), [fresh, fresh], [3, 2])
+    alone_a = _forward(runner, policy, a, [fresh], [3])
+    alone_b = _forward(runner, policy, b, [fresh], [2])
+    torch.testing.assert_close(together.logits[:3], alone_a.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(together.logits[3:], alone_b.logits, atol=1e-5, rtol=1e-5)
+    ungated = build_policy("bn")
+    assert not torch.allclose(alone_a.logits, _forward(runner, ungated, a, [fresh], [3]).logits)
