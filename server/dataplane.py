@@ -230,9 +230,10 @@ class DataPlane:
                 observations[r] = replace(observations[r], grads={k: g[r] for k, g in result.grads.items()})  # fmt: skip
             w.updates.append(observations[r])
         self._observe_groups([job for _, job in order], result)
+        # drift of the states as this batch found them: one computation for all streams
+        self.drift.observe_states([self.groups.label(job.group) for _, job in order], result.states)  # fmt: skip
         for w in group:
             w.new_state, w.reset_reasons = self._apply(w.state, w.policy, w.updates)
-            self.drift.observe_state(self.groups.label(w.jobs[0].group), w.new_state.tensors)
 
     def _apply(self, state: StreamState, policy: AdaptationPolicy, updates: list[Observation]) -> tuple[StreamState, list[str]]:  # fmt: skip
         """Pure: the state after applying request updates in order (re-run on CAS conflict)."""

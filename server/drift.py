@@ -51,7 +51,8 @@ class GroupLabels:
 
 class BnStatisticsDistance:
     """Mean over layers of the mean standardized distance |mu_stream - mu_source| /
-    sigma_source of a state's BN means, as one weighted sum over all channels."""
+    sigma_source of a state's BN means, as one weighted sum over all channels: one value
+    per stacked state (R,), or a 0-d tensor for one stream's state."""
 
     def __init__(self, source: SourceModel) -> None:
         layers = source.layers
@@ -61,11 +62,11 @@ class BnStatisticsDistance:
             1.0 / (len(layers) * n.channels * n.running_var.clamp_min(1e-5).sqrt()) for n in layers
         ] + [torch.zeros(0)])  # fmt: skip
 
-    def __call__(self, state: StateTensors) -> float | None:
+    def __call__(self, state: StateTensors) -> torch.Tensor | None:
         if not self._keys or any(key not in state for key in self._keys):
             return None
-        means = torch.cat([state[key].reshape(-1) for key in self._keys])
-        return float(((means - self._mean).abs() * self._weight).sum())
+        means = torch.cat([state[key] for key in self._keys], dim=-1)
+        return ((means - self._mean).abs() * self._weight).sum(-1)
 
 
 class DriftTracker:
@@ -110,9 +111,16 @@ class DriftTracker:
             above = (probs.max(1).values > self._atc).float().mean()
             self._metrics.group_accuracy.labels(group=group).set(float(self._update(group, "atc", above, n)))  # fmt: skip
 
-    def observe_state(self, group: str, state: StateTensors) -> None:
-        """Record a stream's adapted state after an update."""
-        distance = self._bn_distance(state)
-        if distance is not None:
-            value = self._update(group, "bn_distance", distance, 64)
-            self._metrics.group_bn_distance.labels(group=group).set(value)
+    def observe_states(self, groups: list[str], states: StateTensors) -> None:
+        """Record the stacked states (R, ...) a forward pass used, row r of group groups[r]:
+        one distance computation per batch, one gauge update per group."""
+        distances = self._bn_distance(states)
+        if distances is None:
+            return
+        rows: dict[str, list[int]] = {}
+        for r, group in enumerate(groups):
+            rows.setdefault(group, []).append(r)
+        for group, group_rows in rows.items():
+            value = distances[group_rows].mean() if len(rows) > 1 else distances.mean()
+            ema = self._update(group, "bn_distance", value, 64 * len(group_rows))
+            self._metrics.group_bn_distance.labels(group=group).set(float(ema))

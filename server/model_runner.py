@@ -37,6 +37,7 @@ class ForwardResult:
     gate: GateResult
     moments: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (N, C) means, variances
     grads: dict[str, torch.Tensor] = field(default_factory=dict)  # per request (R, ...)
+    states: StateTensors = field(default_factory=dict)  # the stacked states it normalized with
 
 
 def stack_states(states: Sequence[StateTensors]) -> StateTensors:
@@ -123,6 +124,7 @@ class ModelRunner:
             gate=gate,
             moments=moments,  # type: ignore[arg-type]
             grads=grads,
+            states={k: v.detach() for k, v in batched.items()} if trainable else batched,
         )
 
 

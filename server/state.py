@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
 
 SCHEMA_VERSION = 2  # 2: tensors packed into one flat tensor (1: one safetensors entry each)
 _HEADER_KEY = "ttaserve"
@@ -133,9 +133,9 @@ def encode_state(state: StreamState) -> bytes:
     tensors = state.tensors
     key = tuple((name, tuple(t.shape)) for name, t in tensors.items())
     with torch.no_grad():
-        flat = _flatten(tensors).to(torch.float32)
+        flat = _flatten(tensors).to(torch.float32).cpu()
     metadata = {_HEADER_KEY: json.dumps(state.header()), _LAYOUT_KEY: _layout_text(key)}
-    return st_save({_FLAT_KEY: flat}, metadata=metadata)
+    return st_save({_FLAT_KEY: flat.numpy()}, metadata=metadata)  # numpy: ~3x faster
 
 
 def _read_metadata(blob: bytes) -> dict[str, str]:
@@ -167,13 +167,14 @@ def decode_state(blob: bytes, model_fingerprint: str) -> StreamState:
         raise StateMismatchError("state was written for another model")
     layout = _parse_layout(str(meta.get(_LAYOUT_KEY, "")))
     try:
-        flat = st_load(blob)[_FLAT_KEY]
+        array = st_load(blob)[_FLAT_KEY]
     except Exception as exc:  # safetensors raises its own error types
         raise StateMismatchError(f"corrupt state tensors: {exc}") from exc
-    if flat.dtype != torch.float32 or flat.shape != (layout.total,):
+    if array.dtype != np.float32 or array.shape != (layout.total,):
         raise StateMismatchError("state tensor does not match its layout")
-    if not np.isfinite(flat.numpy()).all():
+    if not np.isfinite(array).all():
         raise StateMismatchError("state holds non-finite values")
+    flat = torch.from_numpy(array)
     pieces = flat.split(layout.sizes) if layout.names else ()
     tensors = {
         name: piece if len(shape) == 1 else piece.view(shape)
