@@ -173,7 +173,7 @@ def create_app(  # noqa: C901 - a factory of small route closures
         stream_id: StreamId,
         policy: PolicyName = None,
         top_k: Annotated[int | None, Query(ge=1)] = None,
-    ) -> dict[str, Any]:
+    ) -> JSONResponse:
         """Adapted predictions for one or more images of a stream."""
         _check_policy(policy)
         blobs = await extract_images(request, settings.max_body_bytes, settings.max_images_per_request)  # fmt: skip
@@ -189,7 +189,8 @@ def create_app(  # noqa: C901 - a factory of small route closures
             top_k=min(top_k or settings.top_k, model.num_classes),
         )
         metrics.queued_images.set(batcher.queued_images + job.size)
-        return _outcome_json(await batcher.submit(job))
+        # a JSONResponse skips FastAPI's jsonable_encoder pass (~50 us per request)
+        return JSONResponse(_outcome_json(await batcher.submit(job)))
 
     @app.post("/v1/streams/{stream_id}/reset")
     async def reset(stream_id: StreamId, policy: PolicyName = None) -> dict[str, Any]:
