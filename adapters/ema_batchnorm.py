@@ -47,6 +47,8 @@ REQUEST_WEIGHTS_KEY = "bn.forward.request_weights"
 # Per forward, (R, 2): each request's running sum of shift distances over the layers seen so
 # far and their count (the covariate-shift gate's accumulator; never stored).
 SHIFT_EVIDENCE_KEY = "bn.forward.shift_evidence"
+# Per forward, (R, 2): the same for the distance of each request from its stream (switch).
+SWITCH_EVIDENCE_KEY = "bn.forward.switch_evidence"
 
 
 @functools.cache
@@ -95,14 +97,24 @@ class EmaStatistics:
     # statistics near the source (d < lo: the source model answers); corruptions move them.
     shift_gate: tuple[float, float] | None = None
     class_specific_sensitivity: float = 0.04  # s_l above this: layer l is class-specific
+    # With `switch_gate` (lo, hi), a request of at least `switch_min_batch` samples whose
+    # statistics sit far from its stream's in the layers that are not class-specific (mean
+    # |log var ratio| ramping lo -> hi) is taken as a domain switch: in the class-specific
+    # layers it weighs like in the others (n / (n + request_prior)), and the stream update
+    # moves with momentum up to `switch_momentum`, so that stale history is forgotten fast.
+    switch_gate: tuple[float, float] | None = None
+    switch_min_batch: int = 16
+    switch_momentum: float = 0.5
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
         if (self.request_prior or 0) < 0 or self.source_prior < 0 or not 0 < self.momentum_floor <= 1:  # fmt: skip
             raise ValueError("priors must be >= 0 and momentum_floor in (0, 1]")
-        if self.shift_gate is not None and not 0 <= self.shift_gate[0] < self.shift_gate[1]:
-            raise ValueError(f"shift_gate must be (lo, hi) with 0 <= lo < hi, got {self.shift_gate}")  # fmt: skip
+        for name in ("shift_gate", "switch_gate"):
+            gate = getattr(self, name)
+            if gate is not None and not 0 <= gate[0] < gate[1]:
+                raise ValueError(f"{name} must be (lo, hi) with 0 <= lo < hi, got {gate}")
 
     def momentum(self, n: torch.Tensor | float, seen: torch.Tensor | float) -> torch.Tensor:
         n, seen = torch.as_tensor(n, dtype=torch.float32), torch.as_tensor(seen, dtype=torch.float32)  # fmt: skip
@@ -148,6 +160,8 @@ class EmaStatistics:
         prepared = {REQUEST_WEIGHTS_KEY: self._request_weights(state, segments.sizes)}
         if self.shift_gate is not None:
             prepared[SHIFT_EVIDENCE_KEY] = torch.zeros(segments.count, 2)
+        if self.switch_gate is not None:
+            prepared[SWITCH_EVIDENCE_KEY] = torch.zeros(segments.count, 2)
         return prepared
 
     @staticmethod
@@ -172,27 +186,42 @@ class EmaStatistics:
         w = state.get(REQUEST_WEIGHTS_KEY)  # prepared by the runner, once per forward
         if w is None:
             w = self._request_weights(state, segments.sizes)
-        tgt_mean, tgt_var = mix_moments(state[mean_key], state[var_key], req_mean, req_var, _layer_column(w, layer))  # fmt: skip
+        w = _layer_column(w, layer)
+        specific = self._class_specific(layer, state)
+        if self.switch_gate is not None:
+            switch = _accumulate(state, SWITCH_EVIDENCE_KEY, None if specific else _log_var_distance(req_var, state[var_key]), self.switch_gate)  # fmt: skip
+            n = segments.sizes.unsqueeze(1)
+            full = n / (n + self.request_prior) if self.request_prior is not None else w
+            w = w + switch * (n >= self.switch_min_batch) * (full - w)
+        tgt_mean, tgt_var = mix_moments(state[mean_key], state[var_key], req_mean, req_var, w)
         alpha: torch.Tensor | float = self.alpha
         if self.shift_gate is not None:
-            evidence = state.get(SHIFT_EVIDENCE_KEY)
-            if evidence is None:
-                raise ValueError("the shift gate accumulates over a forward pass: call prepare() first")  # fmt: skip
-            alpha = self.alpha * self._shift_gate(layer, state, evidence, tgt_var, norm)
+            source_distance = None if specific else _log_var_distance(tgt_var, norm.running_var)
+            alpha = self.alpha * _accumulate(state, SHIFT_EVIDENCE_KEY, source_distance, self.shift_gate)  # fmt: skip
         return source_mixed_normalization(norm, tgt_mean, tgt_var, alpha, segments)
 
-    def _shift_gate(self, layer: int, state: StateTensors, evidence: torch.Tensor, tgt_var: torch.Tensor, norm: StreamNorm) -> torch.Tensor:  # fmt: skip
-        """(R, 1) gate of each request's adaptation in `layer`, from the evidence so far."""
+    def _class_specific(self, layer: int, state: StateTensors) -> bool:
+        """Whether the source's classes differ in `layer` (label shift moves its statistics)."""
         sensitivity = state.get(SENSITIVITY_KEY)
-        specific = sensitivity is not None and float(sensitivity.reshape(-1, sensitivity.shape[-1])[0, layer]) > self.class_specific_sensitivity  # fmt: skip
-        if not specific:  # accumulate this layer's distance (evidence is per forward)
-            # a decision, not a path for gradients (tent): accumulated detached, in place
-            distance = (tgt_var.detach().clamp_min(1e-12) / norm.running_var.clamp_min(1e-12)).log().abs().mean(1)  # fmt: skip
-            evidence[:, 0] += distance
-            evidence[:, 1] += 1
-        d = evidence[:, 0:1] / evidence[:, 1:2].clamp_min(1)
-        lo, hi = self.shift_gate  # type: ignore[misc]
-        return ((d - lo) / (hi - lo)).clamp(0.0, 1.0)
+        if sensitivity is None:
+            return False
+        return float(sensitivity.reshape(-1, sensitivity.shape[-1])[0, layer]) > self.class_specific_sensitivity  # fmt: skip
+
+    def _switch(self, state: StateTensors, obs: Observation) -> torch.Tensor | float:
+        """How surely the observed samples come from another domain than the stream's
+        statistics (0..1), from the layers that are not class-specific."""
+        if self.switch_gate is None or obs.count < self.switch_min_batch or not obs.moments:
+            return 0.0
+        distances = [
+            _log_var_distance(
+                pooled_moments(mean, var)[1].unsqueeze(0), state[state_keys(layer)[1]].unsqueeze(0)
+            )  # fmt: skip
+            for layer, (mean, var) in enumerate(obs.moments)
+            if not self._class_specific(layer, state)
+        ]
+        if not distances:
+            return 0.0
+        return _ramp(torch.stack(distances).mean(), self.switch_gate)
 
     def update(self, state: StateTensors, obs: Observation, source: SourceModel) -> StateTensors:
         obs = obs.select(self.update_from)
@@ -201,6 +230,8 @@ class EmaStatistics:
             return state
         seen = state[SAMPLES_KEY]
         momentum = self.momentum(n, seen)
+        if self.switch_gate is not None:  # a domain switch: forget the stale history fast
+            momentum = torch.maximum(momentum, torch.as_tensor(self._switch(state, obs) * self.switch_momentum))  # fmt: skip
         new_state = dict(state)
         weights = self._balance_weights(state, obs, source) if self.class_balanced else None
         if obs.moments:
@@ -209,6 +240,30 @@ class EmaStatistics:
         if n >= self.diversity_min_batch:
             new_state[DIVERSITY_KEY] = 0.7 * state[DIVERSITY_KEY] + 0.3 * prediction_diversity(obs.probs, source.prior)  # fmt: skip
         return new_state
+
+
+def _log_var_distance(var: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """(R,) mean over channels of |log(var / reference)|, detached: gates decide, they are
+    no path for gradients."""
+    ratio = var.detach().clamp_min(1e-12) / reference.detach().clamp_min(1e-12)
+    return ratio.log().abs().mean(-1)
+
+
+def _ramp(d: torch.Tensor, gate: tuple[float, float]) -> torch.Tensor:
+    lo, hi = gate
+    return ((d - lo) / (hi - lo)).clamp(0.0, 1.0)
+
+
+def _accumulate(state: StateTensors, key: str, distance: torch.Tensor | None, gate: tuple[float, float]) -> torch.Tensor:  # fmt: skip
+    """Add a layer's (R,) distance to the forward's evidence under `key` (None: a layer
+    that gives none) and return each request's (R, 1) gate from the evidence so far."""
+    evidence = state.get(key)
+    if evidence is None:
+        raise ValueError("the gates accumulate evidence over a forward pass: call prepare() first")  # fmt: skip
+    if distance is not None:  # per forward, in place (never stream state)
+        evidence[:, 0] += distance
+        evidence[:, 1] += 1
+    return _ramp(evidence[:, 0:1] / evidence[:, 1:2].clamp_min(1), gate)
 
 
 def _layer_column(weights: torch.Tensor, layer: int) -> torch.Tensor:

@@ -17,8 +17,10 @@ warm-up (at least --duration-s, and until every stream had a request answered in
 
 Per configuration it also measures state bytes per stream (`state_bytes` of
 GET /v1/streams/{id}) and server memory per stream (RSS growth while K new streams are
-created after a warm-up). The issue's targets are computed side by side and printed with
-PASS/FAIL. Results go to `serve.json` and `serve.md` under --out.
+created after a warm-up). All configurations' servers run from the start and each workload
+is driven against them back to back, so that the ratios the targets compare are measured
+seconds apart. The issue's targets are printed with PASS/FAIL. Results go to `serve.json`
+and `serve.md` under --out.
 """
 
 from __future__ import annotations
@@ -495,32 +497,44 @@ async def memory_probe(url: str, procs: dict[str, Any], body: Body, count: int) 
     return out
 
 
-async def run_config_load(
-    cfg: ServeConfig, procs: dict[str, Any], bodies: dict[int, list[Body]], opts: argparse.Namespace
+def _print_phase(name: str, phase: dict[str, Any]) -> None:
+    print(
+        f"  {name:16s} streams={phase['streams']:<4d} images={phase['images_per_request']:<3d} "
+        f"{phase['images_per_s']:9.1f} img/s  p50 {_fmt(phase['p50_ms'])} ms  "
+        f"batch {_fmt(phase['mean_batch_images'])}  bound: {phase['bound']}",
+        flush=True,
+    )
+
+
+async def run_interleaved(
+    procs: dict[str, dict[str, Any]], bodies: dict[int, list[Body]], opts: argparse.Namespace
 ) -> dict[str, Any]:
-    url, pid = procs["url"], procs["server"].pid
-    result: dict[str, Any] = {
-        "config": cfg.name,
-        "description": cfg.description,
-        "policy": cfg.policy,
-    }
-    result["memory"] = await memory_probe(url, procs, bodies[1][0], opts.memory_streams)
+    """Every configuration's server runs from the start; each workload is driven against
+    all of them back to back (the order alternating from one workload to the next), so that
+    a ratio between configurations compares runs seconds apart, not minutes: slow drift of
+    a shared machine's speed no longer biases one configuration."""
+    results: dict[str, Any] = {}
+    for name, p in procs.items():
+        cfg = CONFIGS[name]
+        results[name] = {"config": name, "description": cfg.description, "policy": cfg.policy}
+        results[name]["memory"] = await memory_probe(p["url"], p, bodies[1][0], opts.memory_streams)  # fmt: skip
+        results[name]["phases"] = []
     workloads = [(c, n) for c in opts.concurrencies for n in opts.sizes]
-    if cfg.name == "bn" and opts.reference_batch:
-        workloads.append((1, opts.reference_batch))  # one stream sending large batches
-    phases = []
-    for streams, images in workloads:
-        phase = await run_phase(url, pid, Phase(cfg.name, streams, images), bodies[images], opts)
-        phases.append(phase)
-        print(
-            f"  {cfg.name:16s} streams={streams:<4d} images={images:<3d} "
-            f"{phase['images_per_s']:9.1f} img/s  p50 {_fmt(phase['p50_ms'])} ms  "
-            f"batch {_fmt(phase['mean_batch_images'])}  bound: {phase['bound']}",
-            flush=True,
-        )
-    result["phases"] = phases
-    result["server_peak_rss_bytes"] = peak_rss_bytes(pid)
-    return result
+    names = list(procs)
+    for i, (streams, images) in enumerate(workloads):
+        for name in names if i % 2 == 0 else names[::-1]:
+            url, pid = procs[name]["url"], procs[name]["server"].pid
+            phase = await run_phase(url, pid, Phase(name, streams, images), bodies[images], opts)
+            results[name]["phases"].append(phase)
+            _print_phase(name, phase)
+    if "bn" in procs and opts.reference_batch:  # one stream sending large batches
+        url, pid = procs["bn"]["url"], procs["bn"]["server"].pid
+        phase = await run_phase(url, pid, Phase("bn", 1, opts.reference_batch), bodies[opts.reference_batch], opts)  # fmt: skip
+        results["bn"]["phases"].append(phase)
+        _print_phase("bn", phase)
+    for name, p in procs.items():
+        results[name]["server_peak_rss_bytes"] = peak_rss_bytes(p["server"].pid)
+    return results
 
 
 def peak_rss_bytes(pid: int) -> int:
@@ -929,12 +943,12 @@ def main(argv: list[str] | None = None) -> int:
         "sizes": opts.sizes,
         "configs": opts.configs,
     }
-    results: dict[str, Any] = {}
-    for name in opts.configs:
-        cfg = CONFIGS[name]
-        print(f"{name}: {cfg.description}", flush=True)
-        with serving(cfg, opts, logs) as procs:
-            results[name] = asyncio.run(run_config_load(cfg, procs, bodies, opts))
+    with contextlib.ExitStack() as stack:
+        procs = {}
+        for name in opts.configs:
+            print(f"{name}: {CONFIGS[name].description}", flush=True)
+            procs[name] = stack.enter_context(serving(CONFIGS[name], opts, logs))
+        results = asyncio.run(run_interleaved(procs, bodies, opts))
     report = {
         "setup": setup,
         "results": results,

@@ -107,3 +107,24 @@ def test_corruptions_are_deterministic_and_cached(tmp_path: Path) -> None:
     np.savez(path, x=np.zeros_like(images))  # a cache hit must be read, not recomputed
     assert not cached_corrupt_images(images, "contrast", 5, tmp_path).any()
     assert first.any()
+
+
+def test_worker_processes_give_the_numbers_of_a_serial_run(random_package: Path, tmp_path: Path) -> None:  # fmt: skip
+    data = write_labelled_set(tmp_path / "tiny.npz")
+    common = [
+        "--data", str(data), "--model", str(random_package), "--policies", "source,bn,default",
+        "--scenarios", "iid,single,continual", "--corruptions", "gaussian_noise",
+        "--per-class", "4", "--single-per-class", "2", "--threads", "2",
+        "--cache", str(tmp_path / "cache"),
+    ]  # fmt: skip
+    reports = []
+    for jobs in ("1", "2"):
+        out = tmp_path / f"jobs{jobs}"
+        assert main([*common, "--jobs", jobs, "--out", str(out)]) == 0
+        results = json.loads((out / "accuracy.json").read_text())["results"]
+        for by_scenario in results.values():
+            for figures in by_scenario.values():
+                figures.pop("seconds")
+        reports.append(results)
+    assert list(reports[0]) == list(reports[1]) == ["source", "bn", "default"]
+    assert reports[0] == reports[1]

@@ -118,3 +118,38 @@ def test_shift_gate_is_decided_per_request(random_model):
     torch.testing.assert_close(together.logits[3:], alone_b.logits, atol=1e-5, rtol=1e-5)
     ungated = build_policy("bn")
     assert not torch.allclose(alone_a.logits, _forward(runner, ungated, a, [fresh], [3]).logits)
+
+
+def test_switch_gate_that_never_opens_changes_nothing(random_model):
+    runner = ModelRunner(random_model)
+    plain, gated = build_policy("bn"), build_policy("bn", switch_gate=(100.0, 101.0))
+    state = plain.init_state(runner.source)
+    x = _shifted(32, 4)
+    a, b = _forward(runner, plain, x, [state], [32]), _forward(runner, gated, x, [state], [32])
+    assert torch.equal(a.logits, b.logits)
+    obs = observation_of(a, slice(0, 32), 0)
+    new_a, new_b = plain.update(state, obs, runner.source).state, gated.update(state, obs, runner.source).state  # fmt: skip
+    assert all(torch.equal(new_a[k], new_b[k]) for k in new_a)
+
+
+def test_domain_switch_forgets_a_long_history_fast(random_model):
+    """A long stream (momentum near its floor) meets a batch from another domain: with the
+    switch gate open the update moves half way, without it a few percent."""
+    runner = ModelRunner(random_model)
+    plain, gated = build_policy("bn"), build_policy("bn", switch_gate=(0.0, 1e-6))
+    state = plain.init_state(runner.source)
+    state["bn.samples"] = torch.tensor([100_000.0])
+    x = _shifted(32, 5)
+    obs = observation_of(_forward(runner, plain, x, [state], [32]), slice(0, 32), 100_000)
+    pooled = obs.moments[0][0].mean(0)  # layer 0's pooled mean of the batch
+    for policy, momentum in (
+        (gated, 0.5),
+        (plain, float(plain.statistics.momentum(32, 100_000.0))),
+    ):
+        new = policy.update(state, obs, runner.source).state
+        expected = (1 - momentum) * state["bn.0.mean"] + momentum * pooled
+        torch.testing.assert_close(new["bn.0.mean"], expected, atol=1e-5, rtol=1e-5)
+    small = observation_of(_forward(runner, gated, x[:4], [state], [4]), slice(0, 4), 100_000)
+    assert float(gated.statistics._switch(state, small)) == 0.0  # too few samples to call a switch
+    new_small = gated.update(state, small, runner.source).state
+    assert torch.equal(new_small["bn.0.mean"], plain.update(state, small, runner.source).state["bn.0.mean"])  # fmt: skip
