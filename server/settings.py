@@ -24,7 +24,7 @@ class Settings(BaseSettings):
     model: Path = Field(default_factory=bundled_model_path, description="model package folder")
     host: str = "127.0.0.1"
     port: int = 8000
-    default_policy: str = "bn"
+    default_policy: str = "default"  # the recommended combination (README, "Adaptation policies")
     log_level: str = "info"
 
     # input limits

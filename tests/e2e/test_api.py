@@ -34,7 +34,7 @@ def test_predict_raw_png_and_jpeg(server):
     p = body["predictions"][0]
     assert set(p) >= {"label", "class_name", "score", "top_k", "open_set"}
     assert len(p["top_k"]) == 5 and p["top_k"][0]["label"] == p["label"]
-    assert body["adaptation"] == {"policy": "bn", "samples_seen": 1, "state_version": 1, "degraded": False, "reset": False}  # fmt: skip
+    assert body["adaptation"] == {"policy": "default", "samples_seen": 1, "state_version": 1, "degraded": False, "reset": False}  # fmt: skip
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="JPEG")
     r = _predict(server, "cam-1", content=buf.getvalue(), headers={"content-type": "image/jpeg"})

@@ -30,7 +30,7 @@ def test_predict_bytes_arrays_and_paths(client, tmp_path):
     assert len(p.top_k) == 3 and p.top_k[0].label == p.label and 0 <= p.score <= 1
     assert p.class_name == p.top_k[0].class_name and isinstance(p.open_set, bool)
     a = result.adaptation
-    assert (a.policy, a.samples_seen, a.state_version, a.degraded, a.reset) == ("bn", 1, 1, False, False)  # fmt: skip
+    assert (a.policy, a.samples_seen, a.state_version, a.degraded, a.reset) == ("default", 1, 1, False, False)  # fmt: skip
     assert a.open_set == sum(q.open_set for q in result.predictions)
     path = tmp_path / "frame.png"
     path.write_bytes(png_bytes(images[2]))
