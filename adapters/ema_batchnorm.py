@@ -160,8 +160,9 @@ class EmaStatistics:
         prepared = {REQUEST_WEIGHTS_KEY: self._request_weights(state, segments.sizes)}
         if self.shift_gate is not None:
             prepared[SHIFT_EVIDENCE_KEY] = torch.zeros(segments.count, 2)
-        if self.switch_gate is not None:
-            prepared[SWITCH_EVIDENCE_KEY] = torch.zeros(segments.count, 2)
+        if self.switch_gate is not None:  # empty when no request is large enough to switch
+            eligible = bool((segments.sizes >= self.switch_min_batch).any())
+            prepared[SWITCH_EVIDENCE_KEY] = torch.zeros(segments.count if eligible else 0, 2)
         return prepared
 
     @staticmethod
@@ -188,7 +189,7 @@ class EmaStatistics:
             w = self._request_weights(state, segments.sizes)
         w = _layer_column(w, layer)
         specific = self._class_specific(layer, state)
-        if self.switch_gate is not None:
+        if self.switch_gate is not None and _has_rows(state, SWITCH_EVIDENCE_KEY):
             switch = _accumulate(state, SWITCH_EVIDENCE_KEY, None if specific else _log_var_distance(req_var, state[var_key]), self.switch_gate)  # fmt: skip
             n = segments.sizes.unsqueeze(1)
             full = n / (n + self.request_prior) if self.request_prior is not None else w
@@ -252,6 +253,13 @@ def _log_var_distance(var: torch.Tensor, reference: torch.Tensor) -> torch.Tenso
 def _ramp(d: torch.Tensor, gate: tuple[float, float]) -> torch.Tensor:
     lo, hi = gate
     return ((d - lo) / (hi - lo)).clamp(0.0, 1.0)
+
+
+def _has_rows(state: StateTensors, key: str) -> bool:
+    """Whether the forward's evidence under `key` has rows (empty: the gate cannot open);
+    a missing key raises, as in `_accumulate`."""
+    evidence = state.get(key)
+    return evidence is None or evidence.shape[0] > 0
 
 
 def _accumulate(state: StateTensors, key: str, distance: torch.Tensor | None, gate: tuple[float, float]) -> torch.Tensor:  # fmt: skip

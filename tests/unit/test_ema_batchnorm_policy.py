@@ -3,7 +3,7 @@ import torch
 from conftest import observation_of
 from ttaserve.adapters.moments import Segments
 from ttaserve.adapters.registry import build_policy
-from ttaserve.server.model_runner import ModelRunner
+from ttaserve.server.model_runner import ModelRunner, stack_states
 
 
 def _forward(runner, policy, x, states, sizes):
@@ -153,3 +153,16 @@ def test_domain_switch_forgets_a_long_history_fast(random_model):
     assert float(gated.statistics._switch(state, small)) == 0.0  # too few samples to call a switch
     new_small = gated.update(state, small, runner.source).state
     assert torch.equal(new_small["bn.0.mean"], plain.update(state, small, runner.source).state["bn.0.mean"])  # fmt: skip
+
+
+def test_single_image_batches_skip_the_switch_gate_with_the_same_results(random_model):
+    """No request reaches switch_min_batch: the gate's evidence is skipped, nothing changes."""
+    runner = ModelRunner(random_model)
+    plain, gated = build_policy("bn"), build_policy("bn", switch_gate=(0.0, 1e-6))
+    states = [plain.init_state(runner.source) for _ in range(3)]
+    x = _shifted(3, 6)
+    sizes = [1, 1, 1]
+    prepared = gated.prepare(stack_states(states), Segments.from_sizes(sizes))
+    assert prepared["bn.forward.switch_evidence"].shape[0] == 0
+    a, b = _forward(runner, plain, x, states, sizes), _forward(runner, gated, x, states, sizes)
+    assert torch.equal(a.logits, b.logits)
