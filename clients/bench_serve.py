@@ -519,19 +519,21 @@ async def run_interleaved(
         results[name] = {"config": name, "description": cfg.description, "policy": cfg.policy}
         results[name]["memory"] = await memory_probe(p["url"], p, bodies[1][0], opts.memory_streams)  # fmt: skip
         results[name]["phases"] = []
-    workloads = [(c, n) for c in opts.concurrencies for n in opts.sizes]
     names = list(procs)
-    for i, (streams, images) in enumerate(workloads):
-        for name in names if i % 2 == 0 else names[::-1]:
+    schedule = [
+        (names if i % 2 == 0 else names[::-1], streams, images)
+        for i, (streams, images) in enumerate(
+            (c, n) for c in opts.concurrencies for n in opts.sizes
+        )
+    ]
+    if "bn" in procs and opts.reference_batch:  # one stream sending large batches
+        schedule.append((["bn"], 1, opts.reference_batch))
+    for order, streams, images in schedule:
+        for name in order:
             url, pid = procs[name]["url"], procs[name]["server"].pid
             phase = await run_phase(url, pid, Phase(name, streams, images), bodies[images], opts)
             results[name]["phases"].append(phase)
             _print_phase(name, phase)
-    if "bn" in procs and opts.reference_batch:  # one stream sending large batches
-        url, pid = procs["bn"]["url"], procs["bn"]["server"].pid
-        phase = await run_phase(url, pid, Phase("bn", 1, opts.reference_batch), bodies[opts.reference_batch], opts)  # fmt: skip
-        results["bn"]["phases"].append(phase)
-        _print_phase("bn", phase)
     for name, p in procs.items():
         results[name]["server_peak_rss_bytes"] = peak_rss_bytes(p["server"].pid)
     return results

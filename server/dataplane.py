@@ -229,9 +229,10 @@ class DataPlane:
             if result.grads:
                 observations[r] = replace(observations[r], grads={k: g[r] for k, g in result.grads.items()})  # fmt: skip
             w.updates.append(observations[r])
-        self._observe_groups([job for _, job in order], result)
+        labels = [self.groups.label(job.group) for _, job in order]
+        self._observe_groups(labels, sizes, result)
         # drift of the states as this batch found them: one computation for all streams
-        self.drift.observe_states([self.groups.label(job.group) for _, job in order], result.states)  # fmt: skip
+        self.drift.observe_states(labels, result.states)
         for w in group:
             w.new_state, w.reset_reasons = self._apply(w.state, w.policy, w.updates)
 
@@ -259,13 +260,14 @@ class DataPlane:
         )
         return new, reasons
 
-    def _observe_groups(self, jobs: list[PredictJob], result: ForwardResult) -> None:
-        """Per-group image counts and drift signals: one observation per group and batch."""
+    def _observe_groups(self, labels: list[str], sizes: list[int], result: ForwardResult) -> None:
+        """Per-group image counts and drift signals: one observation per group and batch
+        (request r, of `sizes[r]` images, is in group `labels[r]`)."""
         rows: dict[str, list[int]] = {}
         offset = 0
-        for job in jobs:
-            rows.setdefault(self.groups.label(job.group), []).extend(range(offset, offset + job.size))  # fmt: skip
-            offset += job.size
+        for label, size in zip(labels, sizes, strict=True):
+            rows.setdefault(label, []).extend(range(offset, offset + size))
+            offset += size
         gate = result.gate
         filtered = ~gate.accepted & ~gate.open_set
         for group, group_rows in rows.items():

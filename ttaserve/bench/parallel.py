@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing as mp
-import time
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from multiprocessing.sharedctypes import Synchronized
 from typing import Any
@@ -68,7 +67,6 @@ def replay_in_workers(cfg: dict[str, Any], plans: list[Any], policies: list[str]
             for future in finished:
                 future.result()  # a worker's exception surfaces here
             bar.update(done.value - bar.n)
-            time.sleep(0)
     runs = []
     for policy, future in futures.items():
         for plan, outcome in zip(plans, future.result(), strict=True):
