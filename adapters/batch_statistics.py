@@ -13,6 +13,7 @@ import torch
 
 from ttaserve.adapters.moments import Segments, segment_moments
 from ttaserve.adapters.policy import (
+    BatchObservation,
     Normalization,
     Observation,
     SourceModel,
@@ -44,4 +45,7 @@ class BatchStatistics:
         return source_mixed_normalization(norm, req_mean, req_var, self.alpha, segments)
 
     def update(self, state: StateTensors, obs: Observation, source: SourceModel) -> StateTensors:
+        return state
+
+    def update_batch(self, state: StateTensors, obs: BatchObservation, source: SourceModel) -> StateTensors:  # fmt: skip
         return state

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ttaserve.adapters.policy import Observation, SourceModel, StateTensors
+from ttaserve.adapters.policy import BatchObservation, Observation, SourceModel, StateTensors
 from ttaserve.adapters.reliability_gate import entropy
 
 ENTROPY_KEY, RELIABLE_KEY, UPDATES_KEY = "guard.entropy_ema", "guard.reliable_ema", "guard.updates"
@@ -33,6 +33,43 @@ class CollapseGuard:
     def init_state(self, source: SourceModel) -> StateTensors:
         start = source.mean_entropy if source.mean_entropy is not None else 0.5 * math.log(source.num_classes)  # fmt: skip
         return {ENTROPY_KEY: torch.tensor([start]), RELIABLE_KEY: torch.ones(1), UPDATES_KEY: torch.zeros(1)}  # fmt: skip
+
+    def check_batch(self, state: StateTensors, obs: BatchObservation, source: SourceModel) -> tuple[StateTensors, list[str | None]]:  # fmt: skip
+        """`check` for every request of a forward pass at once (row r from request r)."""
+        seg = obs.segments
+        mask = obs.mask("known")
+        n = seg.mean(mask) * seg.sizes
+        m = self.momentum
+        h = seg.mean(entropy(obs.probs), mask).unsqueeze(1)
+        reliable = seg.mean(obs.accepted.float(), mask).unsqueeze(1)
+        seen = (n > 0).unsqueeze(1)
+        new = dict(state)
+        new[ENTROPY_KEY] = torch.where(seen, (1 - m) * state[ENTROPY_KEY] + m * h, state[ENTROPY_KEY])  # fmt: skip
+        new[RELIABLE_KEY] = torch.where(seen, (1 - m) * state[RELIABLE_KEY] + m * reliable, state[RELIABLE_KEY])  # fmt: skip
+        new[UPDATES_KEY] = state[UPDATES_KEY] + seen.float()
+        floor = self.entropy_floor * math.log(obs.probs.shape[1])
+        reasons: list[str | None] = []
+        rows = zip(seen[:, 0].tolist(), new[UPDATES_KEY][:, 0].tolist(), new[ENTROPY_KEY][:, 0].tolist(), new[RELIABLE_KEY][:, 0].tolist(), strict=True)  # fmt: skip
+        for counted, updates, h_ema, reliable_ema in rows:
+            reason = None
+            if not counted:
+                reason = None
+            elif self.reset_every and int(updates) % self.reset_every == 0:
+                reason = "periodic"
+            elif updates < self.warmup_updates:
+                reason = None
+            elif h_ema < floor:
+                reason = "entropy_collapse"
+            elif reliable_ema < self.min_reliable:
+                reason = "few_reliable"
+            reasons.append(reason)
+        collapsed = [r in ("entropy_collapse", "few_reliable") for r in reasons]
+        if any(collapsed):  # the guard's own counters restart too (as in `check`)
+            rows_reset = torch.tensor(collapsed).unsqueeze(1)
+            fresh = self.init_state(source)
+            for key in (ENTROPY_KEY, RELIABLE_KEY, UPDATES_KEY):
+                new[key] = torch.where(rows_reset, fresh[key], new[key])
+        return new, reasons
 
     def check(self, state: StateTensors, obs: Observation, source: SourceModel) -> tuple[StateTensors, str | None]:  # fmt: skip
         known = obs.select("known")

@@ -20,6 +20,8 @@ import torch
 
 from ttaserve.adapters.moments import Segments
 from ttaserve.adapters.policy import (
+    BatchObservation,
+    BatchUpdate,
     BatchView,
     GateResult,
     Normalization,
@@ -27,6 +29,7 @@ from ttaserve.adapters.policy import (
     PolicyUpdate,
     SourceModel,
     StateTensors,
+    update_each,
 )
 from ttaserve.adapters.stream_norm import StreamNorm
 
@@ -170,5 +173,45 @@ class ComposedPolicy:
         if reason is None:
             return PolicyUpdate(new)
         fresh = self.init_state(source)
-        fresh.update({k: v for k, v in new.items() if k.startswith("guard.")})
+        fresh.update({k: v for k, v in new.items() if k.startswith(GUARD_PREFIX)})
         return PolicyUpdate(fresh, reason)
+
+    def update_batch(self, state: StateTensors, obs: BatchObservation, source: SourceModel) -> BatchUpdate:  # fmt: skip
+        """`update` for many streams at once (row r of the stacked state from request r):
+        each piece's batched update where it has one, its `update` row by row otherwise."""
+        new = _update_batch(self.statistics, state, obs, source)
+        if self.affine is not None:
+            new = _update_batch(self.affine, new, obs, source)
+        for piece in (*self.outputs, *self.gates):
+            if hasattr(piece, "update"):
+                new = _update_batch(piece, new, obs, source)
+        count = obs.segments.count
+        if self.guard is None:
+            return BatchUpdate(new, [None] * count)
+        check_batch = getattr(self.guard, "check_batch", None)
+        if check_batch is not None:
+            new, reasons = check_batch(new, obs, source)
+        else:
+            checked = [self.guard.check({k: v[r] for k, v in new.items()}, obs.request(r), source) for r in range(count)]  # fmt: skip
+            new = {k: torch.stack([row[k] for row, _ in checked]) for k in new}
+            reasons = [reason for _, reason in checked]
+        if any(reasons):  # reset rows: the source state, with the guard's own counters
+            reset = torch.tensor([reason is not None for reason in reasons])
+            fresh = self.init_state(source)
+            new = {
+                k: v
+                if k.startswith(GUARD_PREFIX)
+                else torch.where(reset.view(-1, *[1] * (v.dim() - 1)), fresh[k], v)  # fmt: skip
+                for k, v in new.items()
+            }
+        return BatchUpdate(new, reasons)
+
+
+GUARD_PREFIX = "guard."  # the guard's state keys (they survive a reset)
+
+
+def _update_batch(piece: object, state: StateTensors, obs: BatchObservation, source: SourceModel) -> StateTensors:  # fmt: skip
+    batched = getattr(piece, "update_batch", None)
+    if batched is not None:
+        return batched(state, obs, source)
+    return update_each(piece.update, state, obs, source)  # type: ignore[attr-defined]

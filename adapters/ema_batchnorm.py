@@ -29,6 +29,7 @@ import torch
 from ttaserve.adapters.class_moments import class_sensitivity
 from ttaserve.adapters.moments import Segments, mix_moments, pooled_moments, segment_moments
 from ttaserve.adapters.policy import (
+    BatchObservation,
     Normalization,
     Observation,
     SourceModel,
@@ -44,11 +45,14 @@ SENSITIVITY_KEY = "bn.class_sensitivity"  # (L,) per model, kept in the state to
 # Not stream state: the request weights (R, 1) or (R, L) that `prepare` computes once per
 # forward pass for all layers (ModelRunner passes them to `layer_statistics`, never stores them).
 REQUEST_WEIGHTS_KEY = "bn.forward.request_weights"
-# Per forward, (R, 2): each request's running sum of shift distances over the layers seen so
-# far and their count (the covariate-shift gate's accumulator; never stored).
+# Per forward, (R, 1): each request's running sum of shift distances over the layers seen so
+# far (the covariate-shift gate's accumulator; never stored).
 SHIFT_EVIDENCE_KEY = "bn.forward.shift_evidence"
-# Per forward, (R, 2): the same for the distance of each request from its stream (switch).
+# Per forward, (R, 1): the same for the distance of each request from its stream (switch).
 SWITCH_EVIDENCE_KEY = "bn.forward.switch_evidence"
+# Per forward, (L, 2): per layer, 1 if it is class-specific, and how many layers up to it
+# are not (the gates' divisor): read once per layer instead of recomputed from the state.
+LAYER_PLAN_KEY = "bn.forward.layer_plan"
 
 
 @functools.cache
@@ -159,11 +163,29 @@ class EmaStatistics:
         """Per forward pass: the request weights of every layer, computed once."""
         prepared = {REQUEST_WEIGHTS_KEY: self._request_weights(state, segments.sizes)}
         if self.shift_gate is not None:
-            prepared[SHIFT_EVIDENCE_KEY] = torch.zeros(segments.count, 2)
+            prepared[SHIFT_EVIDENCE_KEY] = torch.zeros(segments.count, 1)
         if self.switch_gate is not None:  # empty when no request is large enough to switch
             eligible = bool((segments.sizes >= self.switch_min_batch).any())
-            prepared[SWITCH_EVIDENCE_KEY] = torch.zeros(segments.count if eligible else 0, 2)
+            prepared[SWITCH_EVIDENCE_KEY] = torch.zeros(segments.count if eligible else 0, 1)
+        if SENSITIVITY_KEY in state and (self.shift_gate is not None or self.switch_gate is not None):  # fmt: skip
+            prepared[LAYER_PLAN_KEY] = self._plan(state)
         return prepared
+
+    def _plan(self, state: StateTensors) -> torch.Tensor:
+        """(L, 2): per layer, 1 if it is class-specific, and how many layers up to it are not."""
+        sensitivity = state[SENSITIVITY_KEY]
+        specific = (sensitivity.reshape(-1, sensitivity.shape[-1])[0] > self.class_specific_sensitivity).float()  # fmt: skip
+        return torch.stack([specific, (1 - specific).cumsum(0)], 1)
+
+    def _layer_plan(self, layer: int, state: StateTensors) -> tuple[bool, int]:
+        """Whether `layer` is class-specific, and how many layers up to it are not."""
+        plan = state.get(LAYER_PLAN_KEY)
+        if plan is None and SENSITIVITY_KEY in state:  # not prepared: the same from the state
+            plan = self._plan(state)
+        if plan is None:  # no class statistics: no layer is class-specific
+            return False, layer + 1
+        specific, count = plan[layer].tolist()
+        return specific > 0, int(count)
 
     @staticmethod
     def _balance_weights(state: StateTensors, obs: Observation, source: SourceModel) -> torch.Tensor | None:  # fmt: skip
@@ -188,41 +210,43 @@ class EmaStatistics:
         if w is None:
             w = self._request_weights(state, segments.sizes)
         w = _layer_column(w, layer)
-        specific = self._class_specific(layer, state)
+        gated = self.shift_gate is not None or self.switch_gate is not None
+        specific, count = self._layer_plan(layer, state) if gated else (False, 0)
         if self.switch_gate is not None and _has_rows(state, SWITCH_EVIDENCE_KEY):
-            switch = _accumulate(state, SWITCH_EVIDENCE_KEY, None if specific else _log_var_distance(req_var, state[var_key]), self.switch_gate)  # fmt: skip
+            distance = None if specific else _log_var_distance(req_var, state[var_key])
+            switch = _accumulate(state, SWITCH_EVIDENCE_KEY, distance, count, self.switch_gate)
             n = segments.sizes.unsqueeze(1)
             full = n / (n + self.request_prior) if self.request_prior is not None else w
             w = w + switch * (n >= self.switch_min_batch) * (full - w)
         tgt_mean, tgt_var = mix_moments(state[mean_key], state[var_key], req_mean, req_var, w)
         alpha: torch.Tensor | float = self.alpha
         if self.shift_gate is not None:
-            source_distance = None if specific else _log_var_distance(tgt_var, norm.running_var)
-            alpha = self.alpha * _accumulate(state, SHIFT_EVIDENCE_KEY, source_distance, self.shift_gate)  # fmt: skip
+            distance = None if specific else _log_var_distance(tgt_var, norm.running_var)
+            alpha = _accumulate(state, SHIFT_EVIDENCE_KEY, distance, count, self.shift_gate)
+            if self.alpha != 1.0:
+                alpha = alpha * self.alpha
         return source_mixed_normalization(norm, tgt_mean, tgt_var, alpha, segments)
-
-    def _class_specific(self, layer: int, state: StateTensors) -> bool:
-        """Whether the source's classes differ in `layer` (label shift moves its statistics)."""
-        sensitivity = state.get(SENSITIVITY_KEY)
-        if sensitivity is None:
-            return False
-        return float(sensitivity.reshape(-1, sensitivity.shape[-1])[0, layer]) > self.class_specific_sensitivity  # fmt: skip
 
     def _switch(self, state: StateTensors, obs: Observation) -> torch.Tensor | float:
         """How surely the observed samples come from another domain than the stream's
         statistics (0..1), from the layers that are not class-specific."""
         if self.switch_gate is None or obs.count < self.switch_min_batch or not obs.moments:
             return 0.0
+        specific = self._plan(state)[:, 0].tolist() if SENSITIVITY_KEY in state else [0.0] * len(obs.moments)  # fmt: skip
         distances = [
             _log_var_distance(
                 pooled_moments(mean, var)[1].unsqueeze(0), state[state_keys(layer)[1]].unsqueeze(0)
             )  # fmt: skip
             for layer, (mean, var) in enumerate(obs.moments)
-            if not self._class_specific(layer, state)
+            if not specific[layer]
         ]
         if not distances:
             return 0.0
         return _ramp(torch.stack(distances).mean(), self.switch_gate)
+
+    def update_batch(self, state: StateTensors, obs: BatchObservation, source: SourceModel) -> StateTensors:  # fmt: skip
+        """`update` for every request of a forward pass at once (row r from request r)."""
+        return _batch_update(self, state, obs, source)
 
     def update(self, state: StateTensors, obs: Observation, source: SourceModel) -> StateTensors:
         obs = obs.select(self.update_from)
@@ -243,11 +267,70 @@ class EmaStatistics:
         return new_state
 
 
+def _batch_update(stats: EmaStatistics, state: StateTensors, obs: BatchObservation, source: SourceModel) -> StateTensors:  # fmt: skip
+    """`EmaStatistics.update` for all requests of a forward pass at once (see there)."""
+    seg = obs.segments
+    mask = obs.mask(stats.update_from)
+    n = seg.mean(mask) * seg.sizes  # (R,) samples that update each stream
+    seen = state[SAMPLES_KEY].reshape(-1)
+    momentum = stats.momentum(n, seen)  # 0 where n = 0: those rows stay exactly as they were
+    if stats.switch_gate is not None and obs.moments:
+        eligible = n >= stats.switch_min_batch
+        if bool(eligible.any()):
+            switch = _batch_switch(stats, state, obs.moments, mask, seg)
+            momentum = torch.maximum(momentum, torch.where(eligible, switch * stats.switch_momentum, 0.0))  # fmt: skip
+    weights = mask
+    if stats.class_balanced and PRIOR_KEY in state:
+        ratio = source.prior / state[PRIOR_KEY].clamp_min(1e-6)  # (R, K)
+        weights = mask * (obs.probs * seg.per_sample(ratio)).sum(1)
+    new_state = dict(state)
+    if obs.moments:
+        keys = [state_keys(layer) for layer in range(len(obs.moments))]
+        means = torch.cat([m for m, _ in obs.moments], 1)
+        variances = torch.cat([v for _, v in obs.moments], 1)
+        pooled_mean = seg.mean(means, weights)
+        pooled_var = seg.mean(variances + (means - seg.per_sample(pooled_mean)).square(), weights)
+        old_mean = torch.cat([state[mean_key] for mean_key, _ in keys], 1)
+        old_var = torch.cat([state[var_key] for _, var_key in keys], 1)
+        new_mean, new_var = mix_moments(old_mean, old_var, pooled_mean, pooled_var, momentum.unsqueeze(1))  # fmt: skip
+        sizes = [m.shape[1] for m, _ in obs.moments]
+        for (mean_key, var_key), mean, var in zip(keys, new_mean.split(sizes, 1), new_var.clamp_min(0.0).split(sizes, 1), strict=True):  # fmt: skip
+            new_state[mean_key], new_state[var_key] = mean, var
+    new_state[SAMPLES_KEY] = state[SAMPLES_KEY] + n.view_as(state[SAMPLES_KEY])
+    diverse = n >= stats.diversity_min_batch
+    if bool(diverse.any()):
+        marginal = seg.mean(obs.probs, mask)
+        entropy = -(marginal * marginal.clamp_min(1e-12).log()).sum(1)
+        diversity = entropy / -(source.prior * source.prior.clamp_min(1e-12).log()).sum()
+        old = state[DIVERSITY_KEY]
+        moved = 0.7 * old + 0.3 * diversity.view_as(old)
+        new_state[DIVERSITY_KEY] = torch.where(diverse.view_as(old), moved, old)
+    return new_state
+
+
+def _batch_switch(stats: EmaStatistics, state: StateTensors, moments: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor, seg: Segments) -> torch.Tensor:  # fmt: skip
+    """(R,) `EmaStatistics._switch` of every request: how surely its (masked) samples come
+    from another domain than its stream's statistics."""
+    specific = stats._plan(state)[:, 0].tolist() if SENSITIVITY_KEY in state else [0.0] * len(moments)  # fmt: skip
+    distances = []
+    for layer, (mean, var) in enumerate(moments):
+        if specific[layer]:
+            continue
+        pooled_mean = seg.mean(mean, mask)
+        pooled_var = seg.mean(var + (mean - seg.per_sample(pooled_mean)).square(), mask)
+        distances.append(_log_var_distance(pooled_var, state[state_keys(layer)[1]]))
+    if not distances:
+        return torch.zeros(seg.count)
+    return _ramp(torch.cat(distances, 1).mean(1), stats.switch_gate)  # type: ignore[arg-type]
+
+
 def _log_var_distance(var: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """(R,) mean over channels of |log(var / reference)|, detached: gates decide, they are
-    no path for gradients."""
-    ratio = var.detach().clamp_min(1e-12) / reference.detach().clamp_min(1e-12)
-    return ratio.log().abs().mean(-1)
+    """(R, 1) mean over channels of |log(var / reference)|, detached: gates decide, they
+    are no path for gradients."""
+    if var.requires_grad:
+        var = var.detach()
+    ratio = var.clamp_min(1e-12) / reference.detach().clamp_min(1e-12)
+    return ratio.log_().abs_().mean(-1, keepdim=True)
 
 
 def _ramp(d: torch.Tensor, gate: tuple[float, float]) -> torch.Tensor:
@@ -262,16 +345,18 @@ def _has_rows(state: StateTensors, key: str) -> bool:
     return evidence is None or evidence.shape[0] > 0
 
 
-def _accumulate(state: StateTensors, key: str, distance: torch.Tensor | None, gate: tuple[float, float]) -> torch.Tensor:  # fmt: skip
-    """Add a layer's (R,) distance to the forward's evidence under `key` (None: a layer
-    that gives none) and return each request's (R, 1) gate from the evidence so far."""
+def _accumulate(state: StateTensors, key: str, distance: torch.Tensor | None, count: int, gate: tuple[float, float]) -> torch.Tensor:  # fmt: skip
+    """Add a layer's (R, 1) distance to the forward's evidence under `key` (None: a layer
+    that gives none) and return each request's (R, 1) gate from the mean distance over the
+    `count` layers that gave one so far."""
     evidence = state.get(key)
     if evidence is None:
         raise ValueError("the gates accumulate evidence over a forward pass: call prepare() first")  # fmt: skip
     if distance is not None:  # per forward, in place (never stream state)
-        evidence[:, 0] += distance
-        evidence[:, 1] += 1
-    return _ramp(evidence[:, 0:1] / evidence[:, 1:2].clamp_min(1), gate)
+        evidence.add_(distance)
+    lo, hi = gate
+    scale = 1.0 / ((hi - lo) * max(count, 1))
+    return evidence.mul(scale).sub_(lo / (hi - lo)).clamp_(0.0, 1.0)
 
 
 def _layer_column(weights: torch.Tensor, layer: int) -> torch.Tensor:

@@ -15,7 +15,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ttaserve.adapters.policy import BatchView, Observation, SourceModel, StateTensors
+from ttaserve.adapters.policy import (
+    BatchObservation,
+    BatchView,
+    Observation,
+    SourceModel,
+    StateTensors,
+)
 from ttaserve.adapters.reliability_gate import entropy
 
 
@@ -78,4 +84,7 @@ class LameCorrection:
         return out
 
     def update(self, state: StateTensors, obs: Observation, source: SourceModel) -> StateTensors:
+        return state
+
+    def update_batch(self, state: StateTensors, obs: BatchObservation, source: SourceModel) -> StateTensors:  # fmt: skip
         return state

@@ -42,6 +42,21 @@ class Segments:
         return rows if self.singletons else rows[self.index]
 
     @cached_property
+    def offsets(self) -> list[int]:
+        """Where each segment starts, and the end: segment r is rows offsets[r]:offsets[r + 1]
+        (segments of consecutive samples, as `from_sizes` makes them)."""
+        return [0, *torch.cumsum(self.sizes, 0).long().tolist()]
+
+    def mean(self, values: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-segment (weighted) mean of per-sample rows (N, ...) -> (R, ...); a segment
+        whose weights sum to 0 gets zeros."""
+        if weights is None:
+            return segment_sum(values, self) / self.divisors.view(-1, *[1] * (values.dim() - 1))
+        total = segment_sum(weights.unsqueeze(1), self).clamp_min(1e-12)
+        summed = segment_sum(values * weights.view(-1, *[1] * (values.dim() - 1)), self)
+        return summed / total.view(-1, *[1] * (values.dim() - 1))
+
+    @cached_property
     def membership(self) -> torch.Tensor:
         """(R, N) float matrix: 1 where sample i belongs to request r."""
         n = len(self.index)
@@ -133,21 +148,26 @@ def mix_moments(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Moments of the mixture (1-w)·A + w·B of two distributions.
 
-    With w = 0 the result is exactly (mean_a, var_a), bit for bit; a Python weight of 0 or
-    1 skips the arithmetic (same values, broadcast to the shape the arithmetic would give).
+    With w = 0 the result is exactly (mean_a, var_a) and with w = 1 exactly (mean_b,
+    var_b), bit for bit (`torch.lerp` is exact at both ends); a Python weight of 0 or 1
+    skips the arithmetic (same values, broadcast to the shape the arithmetic would give).
+    Seven tensor operations: this runs twice per layer per forward pass, where each
+    operation's dispatch costs more than its arithmetic.
     """
     w = weight_b
-    if isinstance(w, float | int) and w in (0, 1):
-        mean, var = (mean_a, var_a) if w == 0 else (mean_b, var_b)
-        shape = _broadcast_shape(mean_a.shape, mean_b.shape)
-        if mean.shape != shape:
-            mean, var = mean.expand(shape), var.expand(shape)
-        return mean, var
-    u = 1 - w
-    wu = w * u
-    mean = u * mean_a + w * mean_b
-    var = u * var_a + w * var_b + wu * (mean_a - mean_b).square()
-    return mean, var
+    if isinstance(w, float | int):
+        if w in (0, 1):
+            mean, var = (mean_a, var_a) if w == 0 else (mean_b, var_b)
+            shape = _broadcast_shape(mean_a.shape, mean_b.shape)
+            if mean.shape != shape:
+                mean, var = mean.expand(shape), var.expand(shape)
+            return mean, var
+        spread = (mean_a - mean_b).square()
+        var = torch.lerp(var_a, var_b, w).add_(spread, alpha=w * (1 - w))
+        return torch.lerp(mean_a, mean_b, w), var
+    spread = (mean_a - mean_b).square()
+    var = torch.addcmul(torch.lerp(var_a, var_b, w), w * (1 - w), spread)
+    return torch.lerp(mean_a, mean_b, w), var
 
 
 def _broadcast_shape(a: torch.Size, b: torch.Size) -> torch.Size:

@@ -8,6 +8,7 @@ lets a store re-apply an update after a compare-and-set conflict without a secon
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
@@ -127,6 +128,63 @@ class Observation:
 
 
 @dataclass(frozen=True)
+class BatchObservation:
+    """What the requests of one forward pass contribute to their streams' next states.
+
+    Request r (a segment of the samples) belongs to the stream whose state is row r of
+    the stacked states it updates: at most one request per stream (requests of one stream
+    that met in a batch update in arrival order, one `update_batch` each). Pieces update all
+    streams at once with per-sample masks where `Observation` selects rows.
+    """
+
+    moments: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (N, C) means and variances
+    probs: torch.Tensor  # (N, K) corrected class probabilities
+    logits: torch.Tensor  # (N, K) uncorrected model logits
+    accepted: torch.Tensor  # (N,) bool
+    open_set: torch.Tensor  # (N,) bool
+    segments: Segments
+    grads: dict[str, torch.Tensor] = field(default_factory=dict)  # per request (R, ...)
+
+    def mask(self, subset: str) -> torch.Tensor:
+        """(N,) float: 1 for the samples of `subset` ('all', 'known', 'accepted')."""
+        if subset == "all":
+            return torch.ones(self.accepted.shape[0])
+        if subset == "known":
+            return (~self.open_set).float()
+        if subset == "accepted":
+            return self.accepted.float()
+        raise ValueError(f"unknown sample subset {subset!r}")
+
+    def request(self, r: int) -> Observation:
+        """Request r's `Observation` (for pieces that update one stream at a time)."""
+        offsets = self.segments.offsets
+        rows = slice(offsets[r], offsets[r + 1])
+        return Observation(
+            moments=[(m[rows], v[rows]) for m, v in self.moments],
+            probs=self.probs[rows],
+            logits=self.logits[rows],
+            accepted=self.accepted[rows],
+            open_set=self.open_set[rows],
+            grads={k: g[r] for k, g in self.grads.items()},
+        )
+
+
+def update_each(
+    update: Callable[[StateTensors, Observation, SourceModel], StateTensors],
+    state: StateTensors,
+    obs: BatchObservation,
+    source: SourceModel,
+) -> StateTensors:
+    """A batched update from a piece's one-stream `update`, request by request (for pieces
+    whose update has no batched form)."""
+    count = obs.segments.count
+    if count == 0 or not state:
+        return state
+    rows = [update({k: v[r] for k, v in state.items()}, obs.request(r), source) for r in range(count)]  # fmt: skip
+    return {k: torch.stack([row[k] for row in rows]) for k in rows[0]}
+
+
+@dataclass(frozen=True)
 class GateResult:
     """Per-sample decisions: may the sample update the state, and is it open-set."""
 
@@ -141,6 +199,13 @@ class GateResult:
             open_set=torch.zeros(n, dtype=torch.bool),
             open_set_score=torch.zeros(n),
         )
+
+
+class BatchUpdate(NamedTuple):
+    """Streams' next states, stacked (R, ...), and why each was reset (None: not reset)."""
+
+    state: StateTensors
+    reset_reasons: list[str | None]
 
 
 class PolicyUpdate(NamedTuple):
@@ -202,3 +267,7 @@ class AdaptationPolicy(Protocol):
 
     def update(self, state: StateTensors, observation: Observation, source: SourceModel) -> PolicyUpdate:  # fmt: skip
         """The stream's next state from its accepted samples (pure)."""
+
+    def update_batch(self, state: StateTensors, observation: BatchObservation, source: SourceModel) -> BatchUpdate:  # fmt: skip
+        """`update` for many streams at once: row r of the stacked `state` from request r
+        (pure; equal to `update` row by row up to float rounding)."""

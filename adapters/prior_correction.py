@@ -25,7 +25,14 @@ from dataclasses import dataclass
 import torch
 
 from ttaserve.adapters.moments import segment_sum
-from ttaserve.adapters.policy import BatchView, Observation, SourceModel, StateTensors
+from ttaserve.adapters.policy import (
+    BatchObservation,
+    BatchView,
+    Observation,
+    SourceModel,
+    StateTensors,
+    update_each,
+)
 
 PRIOR_KEY = "prior.estimate"
 PREDICTED_KEY = "prior.predicted"
@@ -79,6 +86,24 @@ class PriorCorrection:
             updated = (self.batch_prior * prior + segment_sum(q, seg)) / (self.batch_prior + seg.sizes.unsqueeze(1))  # fmt: skip
             estimate = torch.where(big, updated, prior)
         return estimate
+
+    def update_batch(self, state: StateTensors, obs: BatchObservation, source: SourceModel) -> StateTensors:  # fmt: skip
+        """`update` for every request of a forward pass at once (row r from request r)."""
+        if self.method == "bbse" and source.confusion is not None:
+            return update_each(self.update, state, obs, source)
+        seg = obs.segments
+        mask = obs.mask("known")
+        n = seg.mean(mask) * seg.sizes
+        k = source.num_classes
+        prior = state[PRIOR_KEY]  # (R, K)
+        probs = (obs.logits / source.temperature).softmax(1)
+        step = (1 - (1 - self.rate) ** n).unsqueeze(1)
+        q = probs * seg.per_sample(prior / source.prior)
+        q = q / q.sum(1, keepdim=True)
+        estimate = (1 - step) * prior + step * seg.mean(q, mask)
+        estimate = (estimate + self.smoothing / k) / (1 + self.smoothing)
+        estimate = estimate / estimate.sum(1, keepdim=True)
+        return dict(state) | {PRIOR_KEY: torch.where((n > 0).unsqueeze(1), estimate, prior)}
 
     def update(self, state: StateTensors, obs: Observation, source: SourceModel) -> StateTensors:
         obs = obs.select("known")

@@ -20,7 +20,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ttaserve.adapters.policy import BatchView, GateResult, Observation, SourceModel, StateTensors
+from ttaserve.adapters.policy import (
+    BatchObservation,
+    BatchView,
+    GateResult,
+    Observation,
+    SourceModel,
+    StateTensors,
+)
 
 ENERGY_MEAN_KEY, ENERGY_VAR_KEY = "gate.energy_mean", "gate.energy_var"
 
@@ -84,6 +91,22 @@ class EnergyOpenSetGate:
         threshold = source.energy_threshold if source.energy_threshold is not None else math.inf
         open_set = (z > self.z_threshold) & (energy < threshold)
         return GateResult(~open_set, open_set, z)
+
+    def update_batch(self, state: StateTensors, obs: BatchObservation, source: SourceModel) -> StateTensors:  # fmt: skip
+        """`update` for every request of a forward pass at once (row r from request r)."""
+        seg = obs.segments
+        mask = obs.mask("known")
+        n = seg.mean(mask) * seg.sizes
+        energy = torch.logsumexp(obs.logits / source.temperature, 1)
+        step = (1 - (1 - self.rate) ** n).unsqueeze(1)
+        mean, var = state[ENERGY_MEAN_KEY], state[ENERGY_VAR_KEY]  # (R, 1)
+        batch_mean = seg.mean(energy, mask).unsqueeze(1)
+        spread = seg.mean((energy - seg.per_sample(batch_mean.squeeze(1))).square(), mask).unsqueeze(1)  # fmt: skip
+        batch_var = spread + (batch_mean - mean).square()
+        new_mean = (1 - step) * mean + step * batch_mean
+        new_var = ((1 - step) * var + step * batch_var).clamp_min(1e-6)
+        updated = (n > 0).unsqueeze(1)
+        return dict(state) | {ENERGY_MEAN_KEY: torch.where(updated, new_mean, mean), ENERGY_VAR_KEY: torch.where(updated, new_var, var)}  # fmt: skip
 
     def update(self, state: StateTensors, obs: Observation, source: SourceModel) -> StateTensors:
         known = obs.select("known")

@@ -7,7 +7,13 @@ from dataclasses import dataclass
 import torch
 
 from ttaserve.adapters.moments import Segments
-from ttaserve.adapters.policy import Normalization, Observation, SourceModel, StateTensors
+from ttaserve.adapters.policy import (
+    BatchObservation,
+    Normalization,
+    Observation,
+    SourceModel,
+    StateTensors,
+)
 from ttaserve.adapters.stream_norm import StreamNorm
 
 
@@ -30,4 +36,7 @@ class SourceStatistics:
         return Normalization(norm.running_mean.unsqueeze(0), norm.running_var.unsqueeze(0))
 
     def update(self, state: StateTensors, obs: Observation, source: SourceModel) -> StateTensors:
+        return state
+
+    def update_batch(self, state: StateTensors, obs: BatchObservation, source: SourceModel) -> StateTensors:  # fmt: skip
         return state

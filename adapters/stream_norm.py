@@ -97,12 +97,12 @@ class StreamNorm(nn.Module):
             mu, var = stats[0], stats[1]
             if len(stats) > 2 and stats[2] is not None:
                 weight, bias = stats[2], stats[3]
-        scale = weight * torch.rsqrt(var + self.eps)
-        shift = bias - scale * mu
+        scale = weight * (var + self.eps).rsqrt()
+        shift = torch.addcmul(bias, scale, mu, value=-1.0)  # bias - scale * mu
         if x.dtype != scale.dtype:
             scale, shift = scale.to(x.dtype), shift.to(x.dtype)
         view = (*scale.shape, *_ONES[: x.ndim - 2])
-        return x * scale.view(view) + shift.view(view)
+        return torch.addcmul(shift.view(view), x, scale.view(view))
 
     @classmethod
     def from_batchnorm(cls, layer_index: int, bn: nn.modules.batchnorm._BatchNorm) -> StreamNorm:

@@ -255,4 +255,4 @@ def create_app(  # noqa: C901 - a factory of small route closures
 
 def _warm_up(runner: ModelRunner, dataplane: DataPlane, policy_name: str, x: torch.Tensor) -> None:
     state = dataplane.fresh_state(policy_name)
-    runner.forward(x, Segments.from_sizes([1]), dataplane.policy(policy_name), [state.tensors])
+    runner.forward(x, Segments.from_sizes([1]), dataplane.policy(policy_name), [state.packed])

@@ -6,6 +6,8 @@ compare-and-set. A conflict (another replica or request wrote first) re-reads th
 and re-applies the same update from the recorded moments: no second forward, and the
 answer already computed stays valid. Requests of one stream that meet in one batch are
 normalized with the same (pre-batch) state; their updates are applied in arrival order.
+Updates are batched: the policy's `update_batch` moves every stream of a forward pass at
+once (one round per request a stream has in the batch, usually one).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 import torch
 
 from ttaserve.adapters.moments import Segments
-from ttaserve.adapters.policy import AdaptationPolicy, Observation
+from ttaserve.adapters.policy import AdaptationPolicy, BatchObservation
 from ttaserve.adapters.registry import POLICIES, build_policy
 from ttaserve.server.batcher import PredictJob
 from ttaserve.server.drift import DriftTracker, GroupLabels
@@ -29,11 +31,13 @@ from ttaserve.server.errors import ApiError
 from ttaserve.server.metrics import ServerMetrics
 from ttaserve.server.model_runner import ForwardResult, ModelRunner
 from ttaserve.server.state import (
+    PackedTensors,
     StateMismatchError,
     StreamState,
-    all_finite,
+    TensorLayout,
     decode_state,
     encode_state,
+    finite_rows,
 )
 from ttaserve.server.stores.base import StateStore, StoredRecord, StoreUnavailableError
 
@@ -65,13 +69,16 @@ class PredictOutcome:
 
 @dataclass
 class _StreamWork:
-    """One stream's part of a batch: its state before, its jobs and their observations."""
+    """One stream's part of a batch: its state before, its jobs, and where their requests
+    sit in the forward pass (re-applied from there on a compare-and-set conflict)."""
 
     key: str
     state: StreamState
     policy: AdaptationPolicy
     jobs: list[PredictJob] = field(default_factory=list)
-    updates: list[Observation] = field(default_factory=list)
+    requests: list[int] = field(default_factory=list)  # request indices, in arrival order
+    forward: ForwardResult | None = None
+    segments: Segments | None = None
     reset_reasons: list[str] = field(default_factory=list)
     answers: dict[int, list[ImagePrediction]] = field(default_factory=dict)
     new_state: StreamState | None = None
@@ -96,6 +103,7 @@ class DataPlane:
         self.metrics = metrics
         self.default_policy = default_policy
         self._policies = {name: build_policy(name) for name in POLICIES}
+        self._layouts = {name: TensorLayout.of(p.init_state(runner.source)) for name, p in self._policies.items()}  # fmt: skip
         self._clock = clock
         self._model_name = runner.model.card.name
         self._fingerprint = runner.model.card.fingerprint
@@ -114,7 +122,7 @@ class DataPlane:
     def fresh_state(self, policy_name: str, previous: StreamState | None = None) -> StreamState:
         policy = self._policies[policy_name]
         now = self._clock()
-        return StreamState(
+        return StreamState.of(
             policy=policy_name,
             policy_params=policy.params(),
             model_fingerprint=self._fingerprint,
@@ -133,10 +141,18 @@ class DataPlane:
         except StateMismatchError as exc:
             log.warning("discarding unusable stream state: %s", exc)
             self.metrics.state_discarded.inc()
-            return StreamState("", {}, self._fingerprint, {}, version=record.version)
+            return self._unusable(record)
         if state.policy not in self._policies:
-            return StreamState("", {}, self._fingerprint, {}, version=record.version)
+            return self._unusable(record)
+        if state.packed.layout != self._layouts[state.policy]:  # written by another version
+            log.warning("discarding a stream state whose tensors do not match policy %r", state.policy)  # fmt: skip
+            self.metrics.state_discarded.inc()
+            return self._unusable(record)
         return replace(state, version=record.version)
+
+    def _unusable(self, record: StoredRecord) -> StreamState:
+        """A placeholder for a stored record that cannot be used: its version, no policy."""
+        return StreamState.of("", {}, self._fingerprint, {}, version=record.version)
 
     async def read_state(self, stream_id: str) -> StreamState | None:
         """The stream's stored state (None if absent or unusable)."""
@@ -219,46 +235,60 @@ class DataPlane:
         order = sorted(((w, job) for w in group for job in w.jobs), key=lambda p: p[1].enqueued_at)
         sizes = [job.size for _, job in order]
         x = torch.cat([job.pixels for _, job in order])
+        segments = Segments.from_sizes(sizes)
         started = time.perf_counter()
-        result = self.runner.forward(x, Segments.from_sizes(sizes), policy, [w.state.tensors for w, _ in order])  # fmt: skip
+        result = self.runner.forward(x, segments, policy, [w.state.packed for w, _ in order])
         self.metrics.forward_seconds.observe(time.perf_counter() - started)
         answers = self._predictions(result, sizes, [job.top_k for _, job in order])
-        observations = _observations(result, sizes)
         for r, (w, job) in enumerate(order):
             w.answers[id(job)] = answers[r]
-            if result.grads:
-                observations[r] = replace(observations[r], grads={k: g[r] for k, g in result.grads.items()})  # fmt: skip
-            w.updates.append(observations[r])
+            w.requests.append(r)
+            w.forward, w.segments = result, segments
         labels = [self.groups.label(job.group) for _, job in order]
         self._observe_groups(labels, sizes, result)
         # drift of the states as this batch found them: one computation for all streams
         self.drift.observe_states(labels, result.states)
-        for w in group:
-            w.new_state, w.reset_reasons = self._apply(w.state, w.policy, w.updates)
+        for w, (new, reasons) in zip(group, self._apply(group, [w.state for w in group]), strict=True):  # fmt: skip
+            w.new_state, w.reset_reasons = new, reasons
 
-    def _apply(self, state: StreamState, policy: AdaptationPolicy, updates: list[Observation]) -> tuple[StreamState, list[str]]:  # fmt: skip
-        """Pure: the state after applying request updates in order (re-run on CAS conflict)."""
-        tensors, seen, resets, reasons = state.tensors, state.samples_seen, state.resets, []
-        for update in updates:
-            result = policy.update(tensors, replace(update, samples_seen=seen), self.runner.source)  # fmt: skip
-            if all_finite(result.state):
-                tensors = result.state
-                if result.reset_reason:
-                    reasons.append(result.reset_reason)
-                    resets += 1
-            else:
-                self.metrics.nonfinite_updates.inc()
-            seen += update.requested
-        new = replace(
-            state,
-            tensors=tensors,
-            version=state.version + 1,
-            samples_seen=seen,
-            updates=state.updates + len(updates),
-            resets=resets,
-            updated_at=self._clock(),
-        )
-        return new, reasons
+    def _apply(self, works: list[_StreamWork], states: list[StreamState]) -> list[tuple[StreamState, list[str]]]:  # fmt: skip
+        """Pure: each stream's state (`states[i]` for `works[i]`, all of one forward pass)
+        after its requests' updates in arrival order, with its reset reasons. All streams
+        move at once, one round per request a stream has in the batch; re-run for one
+        stream after a compare-and-set conflict."""
+        policy, layout = works[0].policy, states[0].packed.layout
+        packed = [s.packed for s in states]
+        reasons: list[list[str]] = [[] for _ in works]
+        for k in range(max(len(w.requests) for w in works)):
+            members = sorted((i for i, w in enumerate(works) if len(w.requests) > k), key=lambda i: works[i].requests[k])  # fmt: skip
+            obs = _round_observation(works[members[0]], [works[i].requests[k] for i in members])
+            flat = torch.stack([packed[i].flat for i in members])
+            update = policy.update_batch(layout.split(flat), obs, self.runner.source)
+            new_flat = layout.pack_rows(update.state, len(members))
+            finite = finite_rows(new_flat).tolist()
+            for row, i in enumerate(members):
+                if not finite[row]:  # never store NaN/inf: this update is dropped
+                    self.metrics.nonfinite_updates.inc()
+                    continue
+                packed[i] = PackedTensors(new_flat[row], layout)
+                if update.reset_reasons[row]:
+                    reasons[i].append(update.reset_reasons[row])  # type: ignore[arg-type]
+        now = self._clock()
+        return [
+            (
+                replace(
+                    state,
+                    packed=packed[i],
+                    version=state.version + 1,
+                    samples_seen=state.samples_seen + sum(job.size for job in w.jobs),
+                    updates=state.updates + len(w.requests),
+                    resets=state.resets + len(reasons[i]),
+                    updated_at=now,
+                ),
+                reasons[i],
+            )
+            for i, (w, state) in enumerate(zip(works, states, strict=True))
+        ]
 
     def _observe_groups(self, labels: list[str], sizes: list[int], result: ForwardResult) -> None:
         """Per-group image counts and drift signals: one observation per group and batch
@@ -338,7 +368,7 @@ class DataPlane:
                 # deleted or reset to another policy meanwhile: this update no longer applies
                 return current if current and current.policy else None, False
             expected = current.version
-            new, w.reset_reasons = self._apply(current, w.policy, w.updates)
+            ((new, w.reset_reasons),) = self._apply([w], [current])
         log.warning("giving up on a state update after %d conflicts", CAS_ATTEMPTS)
         return None, False
 
@@ -365,18 +395,27 @@ class DataPlane:
         self._executor.shutdown(wait=True)
 
 
-def _observations(result: ForwardResult, sizes: list[int]) -> list[Observation]:
-    """Each job's observation (its rows of the batch), from one split per tensor."""
-    moments = [(m.split(sizes), v.split(sizes)) for m, v in result.moments]
-    probs, logits = result.probs.split(sizes), result.raw_logits.split(sizes)
-    accepted, open_set = result.gate.accepted.split(sizes), result.gate.open_set.split(sizes)
-    return [
-        Observation(
-            moments=[(means[r], variances[r]) for means, variances in moments],
-            probs=probs[r],
-            logits=logits[r],
-            accepted=accepted[r],
-            open_set=open_set[r],
-        )
-        for r in range(len(sizes))
-    ]
+def _round_observation(work: _StreamWork, requests: list[int]) -> BatchObservation:
+    """What requests `requests` of the forward pass `work` took part in contribute (all its
+    requests in order: the forward's tensors as they are; otherwise their rows gathered)."""
+    result, segments = work.forward, work.segments
+    assert result is not None and segments is not None
+    if requests == list(range(segments.count)):
+        rows, picked = None, segments
+    else:
+        offsets = segments.offsets
+        rows = torch.cat([torch.arange(offsets[r], offsets[r + 1]) for r in requests])
+        picked = Segments.from_sizes([offsets[r + 1] - offsets[r] for r in requests])
+
+    def take(t: torch.Tensor) -> torch.Tensor:
+        return t if rows is None else t[rows]
+
+    return BatchObservation(
+        moments=[(take(m), take(v)) for m, v in result.moments],
+        probs=take(result.probs),
+        logits=take(result.raw_logits),
+        accepted=take(result.gate.accepted),
+        open_set=take(result.gate.open_set),
+        segments=picked,
+        grads={k: g if rows is None else g[requests] for k, g in result.grads.items()},
+    )

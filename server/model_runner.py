@@ -25,6 +25,7 @@ from ttaserve.adapters.policy import (
 )
 from ttaserve.adapters.stream_norm import NormContext, StreamNorm, active_context
 from ttaserve.server.model_package import LoadedModel
+from ttaserve.server.state import PackedTensors
 
 
 @dataclass(frozen=True)
@@ -40,8 +41,16 @@ class ForwardResult:
     states: StateTensors = field(default_factory=dict)  # the stacked states it normalized with
 
 
-def stack_states(states: Sequence[StateTensors]) -> StateTensors:
-    """Stack per-request state dicts into one dict of (R, ...) tensors."""
+def stack_states(states: Sequence[StateTensors | PackedTensors]) -> StateTensors:
+    """Stack per-request states into one dict of (R, ...) tensors; packed states of one
+    layout stack as one (R, D) tensor, split once."""
+    if states and all(isinstance(s, PackedTensors) for s in states):
+        packed: list[PackedTensors] = list(states)  # type: ignore[arg-type]
+        layout = packed[0].layout
+        if all(p.layout == layout for p in packed):
+            flat = packed[0].flat.unsqueeze(0) if len(packed) == 1 else torch.stack([p.flat for p in packed])  # fmt: skip
+            return layout.split(flat)
+    states = [s.tensors if isinstance(s, PackedTensors) else s for s in states]
     if not states or not states[0]:
         return {}
     if len(states) == 1:  # the same values as a stack of one, as views
@@ -79,7 +88,7 @@ class ModelRunner:
         x: torch.Tensor,
         segments: Segments,
         policy: AdaptationPolicy,
-        states: Sequence[StateTensors],
+        states: Sequence[StateTensors | PackedTensors],
     ) -> ForwardResult:
         """Normalize each segment with its stream's state under `policy`; no state changes."""
         batched = stack_states(states)
@@ -116,7 +125,9 @@ class ModelRunner:
             if loss is not None and loss.requires_grad:
                 found = torch.autograd.grad(loss, [batched[k] for k in trainable], allow_unused=True)  # fmt: skip
                 grads = {k: (g if g is not None else torch.zeros_like(batched[k])).detach() for k, g in zip(trainable, found, strict=True)}  # fmt: skip
-        moments = [tuple(t.detach() for t in ctx.moments[i]) for i in range(len(self.layers))]
+        moments = [ctx.moments[i] for i in range(len(self.layers))]
+        if trainable:
+            moments = [(mean.detach(), var.detach()) for mean, var in moments]
         return ForwardResult(
             raw_logits=view.logits,
             logits=logits,

@@ -16,13 +16,15 @@ import functools
 import json
 import struct
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
+
+from ttaserve.adapters.policy import StateTensors
 
 SCHEMA_VERSION = 2  # 2: tensors packed into one flat tensor (1: one safetensors entry each)
 _HEADER_KEY = "ttaserve"
@@ -35,19 +37,104 @@ class StateMismatchError(ValueError):
 
 
 @dataclass(frozen=True)
+class TensorLayout:
+    """Names and shapes of the tensors packed, in order, into a state's flat tensor."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    sizes: tuple[int, ...]
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes)
+
+    @staticmethod
+    def of(tensors: StateTensors) -> TensorLayout:
+        return _layout(tuple((name, tuple(t.shape)) for name, t in tensors.items()))
+
+    def pack_rows(self, stacked: StateTensors, rows: int) -> torch.Tensor:
+        """Stacked named tensors (R, *shape) packed as (R, D) float32, in layout order."""
+        if not self.names:
+            return torch.zeros(rows, 0)
+        return torch.cat([stacked[name].reshape(rows, -1) for name in self.names], 1).to(torch.float32)  # fmt: skip
+
+    def split(self, flat: torch.Tensor) -> StateTensors:
+        """Named views of a packed (D,) tensor, or of (R, D) stacked rows as (R, *shape)."""
+        if not self.names:
+            return {}
+        lead = flat.shape[:-1]
+        return {
+            name: piece.view((*lead, *shape)) if shape != (size,) else piece
+            for name, shape, size, piece in zip(
+                self.names, self.shapes, self.sizes, flat.split(self.sizes, -1), strict=True
+            )  # fmt: skip
+        }
+
+
+@functools.lru_cache(maxsize=256)
+def _layout(key: tuple[tuple[str, tuple[int, ...]], ...]) -> TensorLayout:
+    names = tuple(name for name, _ in key)
+    shapes = tuple(shape for _, shape in key)
+    return TensorLayout(
+        names, shapes, tuple(int(np.prod(shape, dtype=np.int64)) for shape in shapes)
+    )
+
+
+class PackedTensors:
+    """A state's named tensors packed in one flat float32 tensor, as they are stored and
+    stacked: one tensor per stream to decode, check, stack and encode instead of ~45. The
+    named views are made only when a piece of code asks for them."""
+
+    __slots__ = ("flat", "layout", "_tensors")
+
+    def __init__(self, flat: torch.Tensor, layout: TensorLayout, tensors: StateTensors | None = None) -> None:  # fmt: skip
+        if flat.shape != (layout.total,):
+            raise ValueError(f"packed tensor of shape {tuple(flat.shape)} does not fit its layout ({layout.total})")  # fmt: skip
+        self.flat, self.layout, self._tensors = flat, layout, tensors
+
+    @classmethod
+    def pack(cls, tensors: StateTensors) -> PackedTensors:
+        """Pack named tensors (copied: later in-place changes to them do not show here)."""
+        layout = TensorLayout.of(tensors)
+        with torch.no_grad():
+            flat = _flatten(tensors).to(torch.float32)
+        return cls(flat, layout)
+
+    @property
+    def tensors(self) -> StateTensors:
+        """The named tensors, as views of `flat` (made once)."""
+        if self._tensors is None:
+            self._tensors = self.layout.split(self.flat)
+        return self._tensors
+
+    @property
+    def nbytes(self) -> int:
+        return self.flat.numel() * self.flat.element_size()
+
+
+@dataclass(frozen=True)
 class StreamState:
     """One stream's adaptation state. `version` is the store's compare-and-set counter."""
 
     policy: str
     policy_params: dict[str, Any]
     model_fingerprint: str
-    tensors: dict[str, torch.Tensor]
+    packed: PackedTensors
     version: int = 0
     samples_seen: int = 0
     updates: int = 0
     resets: int = 0
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
+
+    @classmethod
+    def of(cls, policy: str, policy_params: dict[str, Any], model_fingerprint: str, tensors: StateTensors, **fields: Any) -> StreamState:  # fmt: skip
+        """A state holding (a packed copy of) the named `tensors`."""
+        return cls(policy, policy_params, model_fingerprint, PackedTensors.pack(tensors), **fields)  # fmt: skip
+
+    @property
+    def tensors(self) -> StateTensors:
+        return self.packed.tensors
 
     def header(self) -> dict[str, Any]:
         return {
@@ -63,78 +150,58 @@ class StreamState:
             "updated_at": self.updated_at,
         }
 
-    def with_update(
-        self, tensors: dict[str, torch.Tensor], samples: int, now: float
-    ) -> StreamState:
-        """The state after an update from `samples` accepted-or-seen samples."""
-        return replace(
-            self,
-            tensors=tensors,
-            version=self.version + 1,
-            samples_seen=self.samples_seen + samples,
-            updates=self.updates + 1,
-            updated_at=now,
-        )
-
     @property
     def tensor_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+        return self.packed.nbytes
 
 
-def _flatten(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+def _flatten(tensors: StateTensors) -> torch.Tensor:
     """All tensors' values in one 1-D tensor, in dict order."""
     if not tensors:
         return torch.zeros(0)
     return torch.cat([t if t.dim() == 1 else t.reshape(-1) for t in tensors.values()])
 
 
-def all_finite(tensors: dict[str, torch.Tensor]) -> bool:
+def all_finite(tensors: StateTensors | PackedTensors) -> bool:
     """True when no tensor holds NaN or inf."""
-    with torch.no_grad():
-        flat = _flatten(tensors)
+    if isinstance(tensors, PackedTensors):
+        flat = tensors.flat
+    else:
+        with torch.no_grad():
+            flat = _flatten(tensors)
     if flat.dtype == torch.float32 and flat.device.type == "cpu":
         return bool(np.isfinite(flat.numpy()).all())
     return bool(torch.isfinite(flat).all())
 
 
-@dataclass(frozen=True)
-class _Layout:
-    """Names and shapes of the tensors packed, in order, into a state's flat tensor."""
-
-    names: tuple[str, ...]
-    shapes: tuple[tuple[int, ...], ...]
-    sizes: tuple[int, ...]
-
-    @property
-    def total(self) -> int:
-        return sum(self.sizes)
+def finite_rows(flat: torch.Tensor) -> torch.Tensor:
+    """(R,) bool: which rows of stacked packed states (R, D) hold no NaN or inf."""
+    return torch.isfinite(flat).all(1) if flat.shape[1] else torch.ones(flat.shape[0], dtype=torch.bool)  # fmt: skip
 
 
 @functools.lru_cache(maxsize=256)
-def _layout_text(key: tuple[tuple[str, tuple[int, ...]], ...]) -> str:
-    return json.dumps([[name, list(shape)] for name, shape in key], separators=(",", ":"))
+def _layout_text(layout: TensorLayout) -> str:
+    return json.dumps([[name, list(shape)] for name, shape in zip(layout.names, layout.shapes, strict=True)], separators=(",", ":"))  # fmt: skip
 
 
 @functools.lru_cache(maxsize=256)
-def _parse_layout(text: str) -> _Layout:
+def _parse_layout(text: str) -> TensorLayout:
     try:
         entries = json.loads(text)
-        names = tuple(str(name) for name, _ in entries)
-        shapes = tuple(tuple(int(d) for d in shape) for _, shape in entries)
+        key = tuple((str(name), tuple(int(d) for d in shape)) for name, shape in entries)
     except (TypeError, ValueError) as exc:
         raise StateMismatchError(f"state blob has an unreadable layout: {exc}") from exc
-    if any(d < 0 for shape in shapes for d in shape) or len(set(names)) != len(names):
+    if any(d < 0 for _, shape in key for d in shape) or len({name for name, _ in key}) != len(key):  # fmt: skip
         raise StateMismatchError("state blob has an invalid layout")
-    return _Layout(names, shapes, tuple(int(np.prod(shape, dtype=np.int64)) for shape in shapes))
+    return _layout(key)
 
 
 def encode_state(state: StreamState) -> bytes:
     """Serialize a state to a safetensors blob (no pickle): one flat float32 tensor."""
-    tensors = state.tensors
-    key = tuple((name, tuple(t.shape)) for name, t in tensors.items())
-    with torch.no_grad():
-        flat = _flatten(tensors).to(torch.float32).cpu()
-    metadata = {_HEADER_KEY: json.dumps(state.header()), _LAYOUT_KEY: _layout_text(key)}
+    flat = state.packed.flat
+    if flat.requires_grad or flat.device.type != "cpu":
+        flat = flat.detach().cpu()
+    metadata = {_HEADER_KEY: json.dumps(state.header()), _LAYOUT_KEY: _layout_text(state.packed.layout)}  # fmt: skip
     return st_save({_FLAT_KEY: flat.numpy()}, metadata=metadata)  # numpy: ~3x faster
 
 
@@ -174,17 +241,11 @@ def decode_state(blob: bytes, model_fingerprint: str) -> StreamState:
         raise StateMismatchError("state tensor does not match its layout")
     if not np.isfinite(array).all():
         raise StateMismatchError("state holds non-finite values")
-    flat = torch.from_numpy(array)
-    pieces = flat.split(layout.sizes) if layout.names else ()
-    tensors = {
-        name: piece if len(shape) == 1 else piece.view(shape)
-        for name, shape, piece in zip(layout.names, layout.shapes, pieces, strict=True)
-    }
     return StreamState(
         policy=header["policy"],
         policy_params=header["policy_params"],
         model_fingerprint=header["model_fingerprint"],
-        tensors=tensors,
+        packed=PackedTensors(torch.from_numpy(array), layout),
         version=int(header["version"]),
         samples_seen=int(header["samples_seen"]),
         updates=int(header["updates"]),

@@ -157,7 +157,7 @@ def test_every_policy_round_trips_and_stays_finite_on_black_images(random_model,
         assert torch.isfinite(result.logits).all()
         state = policy.update(state, observation_of(result), runner.source).state
         assert all(torch.isfinite(t).all() for t in state.values()), name
-    record = StreamState(name, policy.params(), "fp", state, version=3, samples_seen=10)
+    record = StreamState.of(name, policy.params(), "fp", state, version=3, samples_seen=10)
     decoded = decode_state(encode_state(record), "fp")
     assert decoded.header() == record.header()
     assert decoded.tensors.keys() == state.keys()

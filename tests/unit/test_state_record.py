@@ -17,7 +17,7 @@ from ttaserve.server.state import (
 def _state(**kw):
     g = torch.Generator().manual_seed(0)
     tensors = {"bn.0.mean": torch.randn(16, generator=g), "bn.0.var": torch.rand(16, generator=g)}
-    return StreamState(policy="bn", policy_params={"alpha": 1.0}, model_fingerprint="abc", tensors=tensors, **kw)  # fmt: skip
+    return StreamState.of(policy="bn", policy_params={"alpha": 1.0}, model_fingerprint="abc", tensors=tensors, **kw)  # fmt: skip
 
 
 def test_round_trip_is_bit_exact():
@@ -53,13 +53,13 @@ def test_round_trip_keeps_order_shapes_and_scalars():
         "m.empty": torch.zeros(0),
         "b.vector": torch.rand(4),
     }
-    state = StreamState(policy="bn", policy_params={}, model_fingerprint="abc", tensors=tensors)
+    state = StreamState.of(policy="bn", policy_params={}, model_fingerprint="abc", tensors=tensors)
     decoded = decode_state(encode_state(state), "abc")
     assert list(decoded.tensors) == list(tensors)
     for key, tensor in tensors.items():
         assert decoded.tensors[key].shape == tensor.shape
         assert torch.equal(decoded.tensors[key], tensor)
-    empty = StreamState(policy="source", policy_params={}, model_fingerprint="abc", tensors={})
+    empty = StreamState.of(policy="source", policy_params={}, model_fingerprint="abc", tensors={})
     assert decode_state(encode_state(empty), "abc").tensors == {}
 
 
