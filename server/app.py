@@ -22,6 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from ttaserve import __version__
 from ttaserve.adapters.moments import Segments
 from ttaserve.adapters.registry import POLICIES
+from ttaserve.server.allocator import tune_glibc_malloc
 from ttaserve.server.batcher import CrossStreamBatcher, PredictJob
 from ttaserve.server.dataplane import DataPlane, PredictOutcome
 from ttaserve.server.decoding import DecodeLimits, decode_image, images_to_tensor
@@ -103,6 +104,8 @@ def create_app(  # noqa: C901 - a factory of small route closures
 ) -> FastAPI:
     """Build the ASGI app; the model loads now, the batcher starts with the app."""
     settings = settings or Settings()
+    if settings.malloc_tuning:
+        tune_glibc_malloc()
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     model = model or load_package(settings.model)
