@@ -112,7 +112,7 @@ def create_app(  # noqa: C901 - a factory of small route closures
     store = store or build_store(settings)
     metrics = ServerMetrics()
     runner = ModelRunner(model)
-    dataplane = DataPlane(runner, store, metrics, settings.default_policy, max_groups=settings.max_groups)  # fmt: skip
+    dataplane = DataPlane(runner, store, metrics, settings.default_policy, max_groups=settings.max_groups, single_thread_below_images=settings.single_thread_below_images)  # fmt: skip
     batcher = CrossStreamBatcher(
         dataplane.process_batch,
         max_batch_images=settings.max_batch_size,

@@ -9,7 +9,7 @@ own weights never change.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -39,6 +39,20 @@ class ForwardResult:
     moments: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (N, C) means, variances
     grads: dict[str, torch.Tensor] = field(default_factory=dict)  # per request (R, ...)
     states: StateTensors = field(default_factory=dict)  # the stacked states it normalized with
+
+
+@contextlib.contextmanager
+def intra_op_threads(count: int | None) -> Iterator[None]:
+    """Run the block with `count` intra-op threads (None: as configured), then restore."""
+    previous = torch.get_num_threads()
+    if count is None or count == previous:
+        yield
+        return
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def stack_states(states: Sequence[StateTensors | PackedTensors]) -> StateTensors:

@@ -40,6 +40,7 @@ class Settings(BaseSettings):
     batch_active_window_ms: float = Field(2000.0, gt=0, description="a stream that submitted this recently is expected in the next batch")  # fmt: skip
     max_queue_images: int = Field(4096, ge=1, description="queued images before 503")
     torch_threads: int = Field(0, ge=0, description="0: torch's default")
+    single_thread_below_images: int = Field(32, ge=0, description="forward passes of fewer images run on one intra-op thread (0: never)")  # fmt: skip
     malloc_tuning: bool = Field(True, description="raise glibc's mmap/trim thresholds so that activations reuse heap memory (server/allocator.py)")  # fmt: skip
 
     # state
