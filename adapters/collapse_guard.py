@@ -38,7 +38,7 @@ class CollapseGuard:
         """`check` for every request of a forward pass at once (row r from request r)."""
         seg = obs.segments
         mask = obs.mask("known")
-        n = seg.mean(mask) * seg.sizes
+        n = obs.count("known")
         m = self.momentum
         h = seg.mean(entropy(obs.probs), mask).unsqueeze(1)
         reliable = seg.mean(obs.accepted.float(), mask).unsqueeze(1)

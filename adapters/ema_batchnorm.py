@@ -271,7 +271,7 @@ def _batch_update(stats: EmaStatistics, state: StateTensors, obs: BatchObservati
     """`EmaStatistics.update` for all requests of a forward pass at once (see there)."""
     seg = obs.segments
     mask = obs.mask(stats.update_from)
-    n = seg.mean(mask) * seg.sizes  # (R,) samples that update each stream
+    n = obs.count(stats.update_from)  # (R,) samples that update each stream
     seen = state[SAMPLES_KEY].reshape(-1)
     momentum = stats.momentum(n, seen)  # 0 where n = 0: those rows stay exactly as they were
     if stats.switch_gate is not None and obs.moments:

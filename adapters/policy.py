@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import torch
 
-from ttaserve.adapters.moments import Segments, mix_moments
+from ttaserve.adapters.moments import Segments, mix_moments, segment_sum
 from ttaserve.adapters.stream_norm import StreamNorm
 
 if TYPE_CHECKING:
@@ -144,16 +144,32 @@ class BatchObservation:
     open_set: torch.Tensor  # (N,) bool
     segments: Segments
     grads: dict[str, torch.Tensor] = field(default_factory=dict)  # per request (R, ...)
+    # masks and counts already computed (every piece of one update asks for them): a memo
+    _memo: dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)  # fmt: skip
 
     def mask(self, subset: str) -> torch.Tensor:
         """(N,) float: 1 for the samples of `subset` ('all', 'known', 'accepted')."""
+        mask = self._memo.get(subset)
+        if mask is not None:
+            return mask
         if subset == "all":
-            return torch.ones(self.accepted.shape[0])
-        if subset == "known":
-            return (~self.open_set).float()
-        if subset == "accepted":
-            return self.accepted.float()
-        raise ValueError(f"unknown sample subset {subset!r}")
+            mask = torch.ones(self.accepted.shape[0])
+        elif subset == "known":
+            mask = (~self.open_set).float()
+        elif subset == "accepted":
+            mask = self.accepted.float()
+        else:
+            raise ValueError(f"unknown sample subset {subset!r}")
+        self._memo[subset] = mask
+        return mask
+
+    def count(self, subset: str) -> torch.Tensor:
+        """(R,) float: how many samples of `subset` each request has."""
+        key = f"count.{subset}"
+        count = self._memo.get(key)
+        if count is None:
+            count = self._memo[key] = segment_sum(self.mask(subset).unsqueeze(1), self.segments).squeeze(1)  # fmt: skip
+        return count
 
     def request(self, r: int) -> Observation:
         """Request r's `Observation` (for pieces that update one stream at a time)."""

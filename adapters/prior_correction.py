@@ -93,7 +93,7 @@ class PriorCorrection:
             return update_each(self.update, state, obs, source)
         seg = obs.segments
         mask = obs.mask("known")
-        n = seg.mean(mask) * seg.sizes
+        n = obs.count("known")
         k = source.num_classes
         prior = state[PRIOR_KEY]  # (R, K)
         probs = (obs.logits / source.temperature).softmax(1)

@@ -96,7 +96,7 @@ class EnergyOpenSetGate:
         """`update` for every request of a forward pass at once (row r from request r)."""
         seg = obs.segments
         mask = obs.mask("known")
-        n = seg.mean(mask) * seg.sizes
+        n = obs.count("known")
         energy = torch.logsumexp(obs.logits / source.temperature, 1)
         step = (1 - (1 - self.rate) ** n).unsqueeze(1)
         mean, var = state[ENERGY_MEAN_KEY], state[ENERGY_VAR_KEY]  # (R, 1)
