@@ -3,9 +3,10 @@
 A record is a flat dict of named float32 tensors (the policy's state) plus a small JSON
 header, written as one safetensors blob: the header rides in the safetensors metadata.
 All tensors travel packed in one flat float32 tensor (`state`); their names and shapes
-(the layout, the same for every stream of a policy) ride in the metadata too, and decoding
-splits the flat tensor back into views. One tensor instead of ~45 keeps encoding and
-decoding cheap (they run for every stream of every batch).
+(the layout, the same for every stream of a policy) ride in the metadata too. In memory a
+state stays packed (`PackedTensors`): decoding, checking, stacking a batch's states as one
+(R, D) tensor and encoding touch one tensor instead of ~45 (they run for every stream of
+every batch); the named views are made only where a piece of code asks for them.
 A blob whose schema version or model fingerprint does not match is treated as a fresh
 stream by the caller (`decode_state` raises `StateMismatchError`), never a crash.
 """

@@ -6,12 +6,16 @@ import asyncio
 import pytest
 import torch
 
+from ttaserve.adapters.moments import Segments
+from ttaserve.adapters.policy import BatchObservation
+from ttaserve.adapters.registry import build_policy
 from ttaserve.server.batcher import CrossStreamBatcher, PredictJob
 from ttaserve.server.dataplane import DataPlane
 from ttaserve.server.errors import OverloadedError
 from ttaserve.server.metrics import ServerMetrics
 from ttaserve.server.model_runner import ModelRunner
-from ttaserve.server.state import decode_state
+from ttaserve.server.state import StreamState, decode_state, encode_state
+from ttaserve.server.stores.base import StoredRecord
 from ttaserve.server.stores.memory import InMemoryStateStore
 
 STREAMS = {"a": (3, 0.0, 1.0), "b": (1, 1.5, 0.4), "c": (5, -0.5, 2.0)}
@@ -168,3 +172,55 @@ def test_gathering_stops_when_an_active_stream_stops_sending():
         return waited
 
     assert asyncio.run(run()) < 0.15  # the idle timeout ends the wait well before the cap
+
+
+@pytest.mark.parametrize("policy", ["bn", "default"])
+def test_rounds_of_one_batch_equal_updates_applied_one_by_one(random_model, policy):
+    """Stream a sends twice and b once in one batch (a, b, a): a's second update starts
+    from its first, each from that request's own rows of the one forward pass."""
+    runner = ModelRunner(random_model)
+    arrivals = [("a", _pixels("a", 0)), ("b", _pixels("b", 0)), ("a", _pixels("c", 1))]
+
+    async def run():
+        dataplane = DataPlane(runner, InMemoryStateStore(), ServerMetrics(), policy)
+        jobs = [PredictJob(stream_id=s, requested_policy=None, pixels=x) for s, x in arrivals]
+        await dataplane.process_batch(jobs)
+        records = await dataplane.store.get_many([dataplane.key("a"), dataplane.key("b")])
+        dataplane.close()
+        return [decode_state(r.data, runner.model.card.fingerprint) for r in records]
+
+    got_a, got_b = asyncio.run(run())
+    chosen = build_policy(policy)
+    fresh = chosen.init_state(runner.source)
+    sizes = [len(x) for _, x in arrivals]
+    result = runner.forward(torch.cat([x for _, x in arrivals]), Segments.from_sizes(sizes), chosen, [fresh] * 3)  # fmt: skip
+    obs = BatchObservation(result.moments, result.probs, result.raw_logits, result.gate.accepted, result.gate.open_set, Segments.from_sizes(sizes))  # fmt: skip
+    want_a = chosen.update(chosen.update(fresh, obs.request(0), runner.source).state, obs.request(2), runner.source).state  # fmt: skip
+    want_b = chosen.update(fresh, obs.request(1), runner.source).state
+    for got, want in ((got_a, want_a), (got_b, want_b)):
+        for name, tensor in want.items():
+            torch.testing.assert_close(got.tensors[name], tensor, atol=1e-5, rtol=1e-4)
+    assert (got_a.samples_seen, got_a.updates, got_b.samples_seen) == (sizes[0] + sizes[2], 2, sizes[1])  # fmt: skip
+
+
+def test_stored_state_with_another_tensor_layout_starts_fresh(random_model):
+    """A record of a known policy whose tensors do not match it (written by another
+    version) is discarded and counted, never stacked with the others."""
+    runner = ModelRunner(random_model)
+
+    async def run():
+        dataplane = DataPlane(runner, InMemoryStateStore(), ServerMetrics(), "bn")
+        odd = StreamState.of("bn", {}, runner.model.card.fingerprint, {"bn.0.mean": torch.zeros(3)}, version=1)  # fmt: skip
+        await dataplane.store.compare_and_set(dataplane.key("old"), 0, StoredRecord(1, encode_state(odd)))  # fmt: skip
+        jobs = [PredictJob(stream_id=s, requested_policy=None, pixels=_pixels("a", 0)) for s in ("old", "new")]  # fmt: skip
+        await dataplane.process_batch(jobs)
+        (record,) = await dataplane.store.get_many([dataplane.key("old")])
+        discarded = dataplane.metrics.registry.get_sample_value("ttaserve_state_discarded_total")
+        dataplane.close()
+        return decode_state(record.data, runner.model.card.fingerprint), discarded, jobs
+
+    state, discarded, jobs = asyncio.run(run())
+    assert discarded == 1
+    assert all(j.future.result().predictions for j in jobs)
+    assert (state.version, state.samples_seen) == (2, 3)
+    assert state.packed.layout == StreamState.of("bn", {}, "", build_policy("bn").init_state(runner.source)).packed.layout  # fmt: skip

@@ -49,6 +49,7 @@ from ttaserve.bench.scenarios import (
 from ttaserve.bench.summary import CLEAN, Run, summarize
 from ttaserve.bench.targets import check_targets
 from ttaserve.datasets import default_cifar10_dir, load_npz, stratified_subset
+from ttaserve.server.allocator import tune_glibc_malloc
 from ttaserve.server.model_package import load_package
 from ttaserve.server.model_runner import ModelRunner
 from ttaserve.server.settings import bundled_model_path
@@ -247,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     cfg = resolve_config(parser.parse_args(argv), parser)
     started = time.perf_counter()
+    tune_glibc_malloc()  # as the server does: activations reuse heap memory
     torch.set_num_threads(cfg["threads"])
     runner, x, y = load_inputs(cfg)
     plans = plan_streams(x, y, cfg)

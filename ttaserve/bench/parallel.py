@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from ttaserve.bench.replay import StreamOutcome, replay_stream
 from ttaserve.bench.summary import Run
+from ttaserve.server.allocator import tune_glibc_malloc
 
 _WORKER: dict[str, Any] = {}
 
@@ -28,6 +29,7 @@ _WORKER: dict[str, Any] = {}
 def _start_worker(cfg: dict[str, Any], threads: int, done: Synchronized) -> None:
     from ttaserve.bench.accuracy import load_inputs, plan_streams  # the parent's module
 
+    tune_glibc_malloc()  # as the server does: activations reuse heap memory
     torch.set_num_threads(threads)
     runner, x, y = load_inputs(cfg)
     _WORKER.update(runner=runner, plans=plan_streams(x, y, cfg), done=done)
