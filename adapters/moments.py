@@ -41,6 +41,11 @@ class Segments:
         every request is one sample, in order (the gather would be the identity)."""
         return rows if self.singletons else rows[self.index]
 
+    def broadcast(self, rows: torch.Tensor) -> torch.Tensor:
+        """Per-request rows (R, ...) for per-sample arithmetic: gathered per sample (N, ...),
+        or the one request's (1, ...) row itself, which broadcasts over its samples."""
+        return rows if len(self.sizes) == 1 else self.per_sample(rows)
+
     @cached_property
     def offsets(self) -> list[int]:
         """Where each segment starts, and the end: segment r is rows offsets[r]:offsets[r + 1]
@@ -117,6 +122,9 @@ def segment_moments(
     """
     if segments.singletons:
         return mean, var
+    if len(segments.sizes) == 1:  # one request: plain reductions over the samples
+        seg_mean = mean.mean(0, keepdim=True)
+        return seg_mean, (var + (mean - seg_mean).square()).mean(0, keepdim=True)
     n = segments.divisors
     seg_mean = segment_sum(mean, segments) / n
     spread = (mean - seg_mean[segments.index]).square()

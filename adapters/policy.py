@@ -40,9 +40,10 @@ def source_mixed_normalization(
     segments: Segments,
 ) -> Normalization:
     """Per-request statistics (R, C) mixed with the layer's source statistics by `alpha`
-    (one value, or (R, 1) per request), gathered per sample. With alpha = 0 the result is exactly the source statistics."""
-    mu, sigma2 = mix_moments(norm.running_mean.unsqueeze(0), norm.running_var.unsqueeze(0), mean, var, alpha)  # fmt: skip
-    return Normalization(segments.per_sample(mu), segments.per_sample(sigma2).clamp_min(0.0))
+    (one value, or (R, 1) per request), per sample (`Segments.broadcast`). With alpha = 0
+    the result is exactly the source statistics."""
+    mu, sigma2 = mix_moments(norm.running_mean, norm.running_var, mean, var, alpha)
+    return Normalization(segments.broadcast(mu), segments.broadcast(sigma2).clamp_min(0.0))
 
 
 @dataclass(frozen=True)

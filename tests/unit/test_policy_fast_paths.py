@@ -73,7 +73,7 @@ def test_prepared_request_weights_equal_the_weights_of_each_layer(random_model):
                 seg_mean, seg_var = segment_moments(mean, var, segments)
                 target = mix_moments(batched[mean_key], batched[var_key], seg_mean, seg_var, expected.unsqueeze(1))  # fmt: skip
                 mu, sigma2 = mix_moments(norm.running_mean.unsqueeze(0), norm.running_var.unsqueeze(0), *target, stats.alpha)  # fmt: skip
-                want = (mu[segments.index], sigma2[segments.index].clamp_min(0.0))
+                want = (segments.broadcast(mu), segments.broadcast(sigma2).clamp_min(0.0))
                 for state in (shared, batched):  # with the prepared weights, and without
                     got = stats.layer_statistics(layer, state, mean, var, segments, norm)
                     assert torch.equal(got.mean, want[0]) and torch.equal(got.var, want[1])
