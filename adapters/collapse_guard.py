@@ -65,7 +65,7 @@ class CollapseGuard:
             reasons.append(reason)
         collapsed = [r in ("entropy_collapse", "few_reliable") for r in reasons]
         if any(collapsed):  # the guard's own counters restart too (as in `check`)
-            rows_reset = torch.tensor(collapsed).unsqueeze(1)
+            rows_reset = torch.tensor(collapsed, device=obs.probs.device).unsqueeze(1)
             fresh = self.init_state(source)
             for key in (ENTROPY_KEY, RELIABLE_KEY, UPDATES_KEY):
                 new[key] = torch.where(rows_reset, fresh[key], new[key])

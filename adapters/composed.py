@@ -196,7 +196,9 @@ class ComposedPolicy:
             new = {k: torch.stack([row[k] for row, _ in checked]) for k in new}
             reasons = [reason for _, reason in checked]
         if any(reasons):  # reset rows: the source state, with the guard's own counters
-            reset = torch.tensor([reason is not None for reason in reasons])
+            reset = torch.tensor(
+                [reason is not None for reason in reasons], device=obs.probs.device
+            )
             fresh = self.init_state(source)
             new = {
                 k: v

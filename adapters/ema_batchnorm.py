@@ -320,7 +320,7 @@ def _batch_switch(stats: EmaStatistics, state: StateTensors, moments: list[tuple
         pooled_var = seg.mean(var + (mean - seg.per_sample(pooled_mean)).square(), mask)
         distances.append(_log_var_distance(pooled_var, state[state_keys(layer)[1]]))
     if not distances:
-        return torch.zeros(seg.count)
+        return torch.zeros(seg.count, device=mask.device)
     return _ramp(torch.cat(distances, 1).mean(1), stats.switch_gate)  # type: ignore[arg-type]
 
 

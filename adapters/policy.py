@@ -154,7 +154,7 @@ class BatchObservation:
         if mask is not None:
             return mask
         if subset == "all":
-            mask = torch.ones(self.accepted.shape[0])
+            mask = torch.ones(self.accepted.shape[0], device=self.accepted.device)
         elif subset == "known":
             mask = (~self.open_set).float()
         elif subset == "accepted":
