@@ -149,7 +149,7 @@ class EmaStatistics:
             sensitivity = sensitivity.reshape(-1, sensitivity.shape[-1])
             prior = prior * (1 + sensitivity / self.class_sensitivity_scale)
             n, history = n.unsqueeze(1), history.unsqueeze(1)
-        own = n / (n + prior)
+        own = _own_weight(n, prior)
         if self.adaptive_request_weight:
             iid = state[DIVERSITY_KEY].flatten() >= self.diversity_threshold
             own = torch.where(iid if own.dim() == 1 else iid.unsqueeze(1), own, history)
@@ -216,7 +216,7 @@ class EmaStatistics:
             distance = None if specific else _log_var_distance(req_var, state[var_key])
             switch = _accumulate(state, SWITCH_EVIDENCE_KEY, distance, count, self.switch_gate)
             n = segments.sizes.unsqueeze(1)
-            full = n / (n + self.request_prior) if self.request_prior is not None else w
+            full = _own_weight(n, self.request_prior) if self.request_prior is not None else w
             w = w + switch * (n >= self.switch_min_batch) * (full - w)
         tgt_mean, tgt_var = mix_moments(state[mean_key], state[var_key], req_mean, req_var, w)
         alpha: torch.Tensor | float = self.alpha
@@ -265,6 +265,11 @@ class EmaStatistics:
         if n >= self.diversity_min_batch:
             new_state[DIVERSITY_KEY] = 0.7 * state[DIVERSITY_KEY] + 0.3 * prediction_diversity(obs.probs, source.prior)  # fmt: skip
         return new_state
+
+
+def _own_weight(n: torch.Tensor, prior: torch.Tensor | float) -> torch.Tensor:
+    """A request of n samples against `prior` pseudo-samples of history: n / (n + prior)."""
+    return n / (n + prior)
 
 
 def _batch_update(stats: EmaStatistics, state: StateTensors, obs: BatchObservation, source: SourceModel) -> StateTensors:  # fmt: skip
