@@ -304,9 +304,7 @@ def _batch_update(stats: EmaStatistics, state: StateTensors, obs: BatchObservati
     new_state[SAMPLES_KEY] = state[SAMPLES_KEY] + n.view_as(state[SAMPLES_KEY])
     diverse = n >= stats.diversity_min_batch
     if bool(diverse.any()):
-        marginal = seg.mean(obs.probs, mask)
-        entropy = -(marginal * marginal.clamp_min(1e-12).log()).sum(1)
-        diversity = entropy / -(source.prior * source.prior.clamp_min(1e-12).log()).sum()
+        diversity = marginal_diversity(seg.mean(obs.probs, mask), source.prior)
         old = state[DIVERSITY_KEY]
         moved = 0.7 * old + 0.3 * diversity.view_as(old)
         new_state[DIVERSITY_KEY] = torch.where(diverse.view_as(old), moved, old)
@@ -404,6 +402,10 @@ def _class_sensitivity(source: SourceModel) -> torch.Tensor:
 
 def prediction_diversity(probs: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
     """H(mean prediction) / H(prior): near 1 for an i.i.d. batch, low for a correlated one."""
-    marginal = probs.mean(0)
-    h = -(marginal * marginal.clamp_min(1e-12).log()).sum()
-    return (h / -(prior * prior.clamp_min(1e-12).log()).sum()).reshape(1)
+    return marginal_diversity(probs.mean(0), prior).reshape(1)
+
+
+def marginal_diversity(marginal: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+    """H(marginal) / H(prior) of class distributions (..., K) -> (...)."""
+    h = -(marginal * marginal.clamp_min(1e-12).log()).sum(-1)
+    return h / -(prior * prior.clamp_min(1e-12).log()).sum()
