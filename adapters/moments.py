@@ -75,7 +75,7 @@ class Segments:
         return self.sizes.clamp(min=1).unsqueeze(1)
 
 
-_CHUNK_ELEMENTS = 1 << 18  # deviations are formed this many elements at a time (1 MiB)
+_CHUNK_ELEMENTS = 1 << 22  # deviations are formed at most this many elements at a time (16 MiB)
 
 
 def sample_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,20 +83,26 @@ def sample_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     Two passes (mean, then mean squared deviation): as stable as `torch.var_mean` and, on
     CPU, several times faster for the small per-sample reductions of a stream norm. The
-    deviations of a large batch are formed a few samples at a time (same values): a
-    temporary of several MiB costs page faults that made a 128-image batch's first layers
-    ~10x slower than their convolutions.
+    deviations are squared in place (one temporary instead of two: 1.4-1.7x faster on a
+    128-image batch, same values), and those of a very large batch are formed a few
+    samples at a time (same values), keeping temporaries below the mmap threshold that
+    `server/allocator.py` sets (page faults on every fresh mmap made large temporaries
+    ~10x slower than the convolutions).
     """
     flat = x.flatten(2)
     mean = flat.mean(2, keepdim=True)
     step = max(1, _CHUNK_ELEMENTS // max(1, flat.shape[1] * flat.shape[2]))
     if step >= flat.shape[0]:
-        return mean.squeeze(2), (flat - mean).square().mean(2)
-    var = torch.cat([
-        (flat[i : i + step] - mean[i : i + step]).square().mean(2)
-        for i in range(0, flat.shape[0], step)
-    ])  # fmt: skip
+        return mean.squeeze(2), _mean_square(flat - mean)
+    var = torch.cat([_mean_square(flat[i : i + step] - mean[i : i + step]) for i in range(0, flat.shape[0], step)])  # fmt: skip
     return mean.squeeze(2), var
+
+
+def _mean_square(deviations: torch.Tensor) -> torch.Tensor:
+    """Mean over the last dim of the squared deviations (squared in place unless autograd
+    needs them)."""
+    squared = deviations.square() if deviations.requires_grad else deviations.square_()
+    return squared.mean(2)
 
 
 def segment_sum(values: torch.Tensor, segments: Segments) -> torch.Tensor:

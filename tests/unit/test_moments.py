@@ -77,3 +77,21 @@ def test_sample_moments_of_a_large_batch_equal_those_of_each_sample_alone():
         alone_mean, alone_var = sample_moments(x[i : i + 1])
         assert torch.equal(mean[i], alone_mean[0]) and torch.equal(var[i], alone_var[0])
     torch.testing.assert_close(var, x.flatten(2).var(2, correction=0))
+
+
+def test_sample_moments_in_chunks_and_with_gradients_give_the_same_values(monkeypatch):
+    import ttaserve.adapters.moments as moments
+
+    torch.manual_seed(3)
+    x = torch.randn(9, 4, 6, 6) * 2 + 1
+    whole = sample_moments(x)
+    monkeypatch.setattr(moments, "_CHUNK_ELEMENTS", 4 * 36 * 2)  # two samples at a time
+    chunked = sample_moments(x)
+    leaf = x.clone().requires_grad_(True)
+    graded = sample_moments(leaf)
+    for a, b, c in zip(whole, chunked, graded, strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c.detach())
+    graded[1].sum().backward()
+    assert leaf.grad is not None and torch.isfinite(leaf.grad).all()
+    direct = x.flatten(2).var(2, unbiased=False)
+    torch.testing.assert_close(whole[1], direct)
