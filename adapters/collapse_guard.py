@@ -18,6 +18,7 @@ from ttaserve.adapters.policy import BatchObservation, Observation, SourceModel,
 from ttaserve.adapters.reliability_gate import entropy
 
 ENTROPY_KEY, RELIABLE_KEY, UPDATES_KEY = "guard.entropy_ema", "guard.reliable_ema", "guard.updates"
+COLLAPSES = ("entropy_collapse", "few_reliable")  # resets that restart the guard's counters too
 
 
 @dataclass(frozen=True)
@@ -48,22 +49,9 @@ class CollapseGuard:
         new[RELIABLE_KEY] = torch.where(seen, (1 - m) * state[RELIABLE_KEY] + m * reliable, state[RELIABLE_KEY])  # fmt: skip
         new[UPDATES_KEY] = state[UPDATES_KEY] + seen.float()
         floor = self.entropy_floor * math.log(obs.probs.shape[1])
-        reasons: list[str | None] = []
         rows = zip(seen[:, 0].tolist(), new[UPDATES_KEY][:, 0].tolist(), new[ENTROPY_KEY][:, 0].tolist(), new[RELIABLE_KEY][:, 0].tolist(), strict=True)  # fmt: skip
-        for counted, updates, h_ema, reliable_ema in rows:
-            reason = None
-            if not counted:
-                reason = None
-            elif self.reset_every and int(updates) % self.reset_every == 0:
-                reason = "periodic"
-            elif updates < self.warmup_updates:
-                reason = None
-            elif h_ema < floor:
-                reason = "entropy_collapse"
-            elif reliable_ema < self.min_reliable:
-                reason = "few_reliable"
-            reasons.append(reason)
-        collapsed = [r in ("entropy_collapse", "few_reliable") for r in reasons]
+        reasons = [self._reason(int(updates), h_ema, reliable_ema, floor) if counted else None for counted, updates, h_ema, reliable_ema in rows]  # fmt: skip
+        collapsed = [reason in COLLAPSES for reason in reasons]
         if any(collapsed):  # the guard's own counters restart too (as in `check`)
             rows_reset = torch.tensor(collapsed, device=obs.probs.device).unsqueeze(1)
             fresh = self.init_state(source)
@@ -82,13 +70,18 @@ class CollapseGuard:
         new[ENTROPY_KEY] = (1 - m) * state[ENTROPY_KEY] + m * h
         new[RELIABLE_KEY] = (1 - m) * state[RELIABLE_KEY] + m * reliable
         new[UPDATES_KEY] = state[UPDATES_KEY] + 1
-        updates = int(new[UPDATES_KEY])
+        floor = self.entropy_floor * math.log(known.probs.shape[1])
+        reason = self._reason(int(new[UPDATES_KEY]), float(new[ENTROPY_KEY]), float(new[RELIABLE_KEY]), floor)  # fmt: skip
+        return (self.init_state(source) if reason in COLLAPSES else new), reason
+
+    def _reason(self, updates: int, entropy_ema: float, reliable_ema: float, floor: float) -> str | None:  # fmt: skip
+        """Why a stream with these counters after its update is reset (None: it is not)."""
         if self.reset_every and updates % self.reset_every == 0:
-            return new, "periodic"
+            return "periodic"
         if updates < self.warmup_updates:
-            return new, None
-        if float(new[ENTROPY_KEY]) < self.entropy_floor * math.log(known.probs.shape[1]):
-            return self.init_state(source), "entropy_collapse"
-        if float(new[RELIABLE_KEY]) < self.min_reliable:
-            return self.init_state(source), "few_reliable"
-        return new, None
+            return None
+        if entropy_ema < floor:
+            return "entropy_collapse"
+        if reliable_ema < self.min_reliable:
+            return "few_reliable"
+        return None

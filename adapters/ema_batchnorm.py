@@ -27,7 +27,13 @@ from dataclasses import dataclass
 import torch
 
 from ttaserve.adapters.class_moments import class_sensitivity
-from ttaserve.adapters.moments import Segments, mix_moments, pooled_moments, segment_moments
+from ttaserve.adapters.moments import (
+    Segments,
+    mix_moments,
+    pooled_moments,
+    segment_moments,
+    weighted_segment_moments,
+)
 from ttaserve.adapters.policy import (
     BatchObservation,
     Normalization,
@@ -177,6 +183,12 @@ class EmaStatistics:
         specific = (sensitivity.reshape(-1, sensitivity.shape[-1])[0] > self.class_specific_sensitivity).float()  # fmt: skip
         return torch.stack([specific, (1 - specific).cumsum(0)], 1)
 
+    def _specific_layers(self, state: StateTensors, layers: int) -> list[bool]:
+        """Per layer, whether it is class-specific (none without class statistics)."""
+        if SENSITIVITY_KEY not in state:
+            return [False] * layers
+        return [flag > 0 for flag in self._plan(state)[:, 0].tolist()]
+
     def _layer_plan(self, layer: int, state: StateTensors) -> tuple[bool, int]:
         """Whether `layer` is class-specific, and how many layers up to it are not."""
         plan = state.get(LAYER_PLAN_KEY)
@@ -232,7 +244,7 @@ class EmaStatistics:
         statistics (0..1), from the layers that are not class-specific."""
         if self.switch_gate is None or obs.count < self.switch_min_batch or not obs.moments:
             return 0.0
-        specific = self._plan(state)[:, 0].tolist() if SENSITIVITY_KEY in state else [0.0] * len(obs.moments)  # fmt: skip
+        specific = self._specific_layers(state, len(obs.moments))
         distances = [
             _log_var_distance(
                 pooled_moments(mean, var)[1].unsqueeze(0), state[state_keys(layer)[1]].unsqueeze(0)
@@ -293,8 +305,7 @@ def _batch_update(stats: EmaStatistics, state: StateTensors, obs: BatchObservati
         keys = [state_keys(layer) for layer in range(len(obs.moments))]
         means = torch.cat([m for m, _ in obs.moments], 1)
         variances = torch.cat([v for _, v in obs.moments], 1)
-        pooled_mean = seg.mean(means, weights)
-        pooled_var = seg.mean(variances + (means - seg.per_sample(pooled_mean)).square(), weights)
+        pooled_mean, pooled_var = weighted_segment_moments(means, variances, seg, weights)
         old_mean = torch.cat([state[mean_key] for mean_key, _ in keys], 1)
         old_var = torch.cat([state[var_key] for _, var_key in keys], 1)
         new_mean, new_var = mix_moments(old_mean, old_var, pooled_mean, pooled_var, momentum.unsqueeze(1))  # fmt: skip
@@ -314,13 +325,12 @@ def _batch_update(stats: EmaStatistics, state: StateTensors, obs: BatchObservati
 def _batch_switch(stats: EmaStatistics, state: StateTensors, moments: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor, seg: Segments) -> torch.Tensor:  # fmt: skip
     """(R,) `EmaStatistics._switch` of every request: how surely its (masked) samples come
     from another domain than its stream's statistics."""
-    specific = stats._plan(state)[:, 0].tolist() if SENSITIVITY_KEY in state else [0.0] * len(moments)  # fmt: skip
+    specific = stats._specific_layers(state, len(moments))
     distances = []
     for layer, (mean, var) in enumerate(moments):
         if specific[layer]:
             continue
-        pooled_mean = seg.mean(mean, mask)
-        pooled_var = seg.mean(var + (mean - seg.per_sample(pooled_mean)).square(), mask)
+        _, pooled_var = weighted_segment_moments(mean, var, seg, mask)
         distances.append(_log_var_distance(pooled_var, state[state_keys(layer)[1]]))
     if not distances:
         return torch.zeros(seg.count, device=mask.device)

@@ -138,6 +138,16 @@ def segment_moments(
     return seg_mean, seg_var
 
 
+def weighted_segment_moments(
+    mean: torch.Tensor, var: torch.Tensor, segments: Segments, weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`segment_moments` with per-sample weights (N,): each segment's pooled (R, C) mean
+    and variance; a segment whose weights sum to 0 gets zeros."""
+    seg_mean = segments.mean(mean, weights)
+    spread = (mean - segments.per_sample(seg_mean)).square()
+    return seg_mean, segments.mean(var + spread, weights)
+
+
 def pooled_moments(
     mean: torch.Tensor, var: torch.Tensor, weights: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:

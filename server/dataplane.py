@@ -249,6 +249,7 @@ class DataPlane:
         for r, (w, job) in enumerate(order):
             w.answers[id(job)] = answers[r]
             w.requests.append(r)
+        for w in group:
             w.forward, w.segments = result, segments
         labels = [self.groups.label(job.group) for _, job in order]
         self._observe_groups(labels, sizes, result)

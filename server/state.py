@@ -88,10 +88,11 @@ class PackedTensors:
 
     __slots__ = ("flat", "layout", "_tensors")
 
-    def __init__(self, flat: torch.Tensor, layout: TensorLayout, tensors: StateTensors | None = None) -> None:  # fmt: skip
+    def __init__(self, flat: torch.Tensor, layout: TensorLayout) -> None:
         if flat.shape != (layout.total,):
             raise ValueError(f"packed tensor of shape {tuple(flat.shape)} does not fit its layout ({layout.total})")  # fmt: skip
-        self.flat, self.layout, self._tensors = flat, layout, tensors
+        self.flat, self.layout = flat, layout
+        self._tensors: StateTensors | None = None
 
     @classmethod
     def pack(cls, tensors: StateTensors) -> PackedTensors:
@@ -161,18 +162,6 @@ def _flatten(tensors: StateTensors) -> torch.Tensor:
     if not tensors:
         return torch.zeros(0)
     return torch.cat([t if t.dim() == 1 else t.reshape(-1) for t in tensors.values()])
-
-
-def all_finite(tensors: StateTensors | PackedTensors) -> bool:
-    """True when no tensor holds NaN or inf."""
-    if isinstance(tensors, PackedTensors):
-        flat = tensors.flat
-    else:
-        with torch.no_grad():
-            flat = _flatten(tensors)
-    if flat.dtype == torch.float32 and flat.device.type == "cpu":
-        return bool(np.isfinite(flat.numpy()).all())
-    return bool(torch.isfinite(flat).all())
 
 
 def finite_rows(flat: torch.Tensor) -> torch.Tensor:

@@ -8,9 +8,9 @@ from ttaserve.server.state import (
     SCHEMA_VERSION,
     StateMismatchError,
     StreamState,
-    all_finite,
     decode_state,
     encode_state,
+    finite_rows,
 )
 
 
@@ -77,6 +77,10 @@ def test_layout_that_does_not_match_the_tensor_is_a_mismatch():
         decode_state(blob.replace(b"[16]", b"[17]", 1), "abc")
 
 
-def test_all_finite():
-    assert all_finite(_state().tensors) and all_finite({})
-    assert not all_finite({"x": torch.tensor([1.0, float("inf")])})
+def test_finite_rows():
+    state = _state()
+    assert finite_rows(state.packed.flat.unsqueeze(0)).tolist() == [True]
+    assert finite_rows(torch.zeros(2, 0)).tolist() == [True, True]
+    rows = torch.stack([state.packed.flat, state.packed.flat.clone()])
+    rows[1, 3] = float("inf")
+    assert finite_rows(rows).tolist() == [True, False]
