@@ -111,6 +111,12 @@ class ComposedPolicy:
         return any(getattr(p, "needs_source_logits", False) for p in self._pieces)
 
     @property
+    def normalizes_per_sample(self) -> bool:
+        """False when the statistics piece only ever gives the source statistics (and no
+        affine piece changes them): the runner then runs the frozen model as it is."""
+        return getattr(self.statistics, "per_sample", True) or self.affine is not None
+
+    @property
     def differentiable(self) -> tuple[str, ...]:
         return self.affine.differentiable if self.affine else ()
 

@@ -250,6 +250,9 @@ class AdaptationPolicy(Protocol):
     name: str
     differentiable: tuple[str, ...]  # state-key prefixes that get gradients (empty: forward only)
     needs_source_logits: bool  # gates that compare with the frozen model (a second forward)
+    # False: every sample is normalized with the source statistics, so the forward pass is
+    # the frozen model's (no per-sample moments are computed; `layer_statistics` is unused)
+    normalizes_per_sample: bool
 
     def params(self) -> dict[str, Any]:
         """The policy's parameters, recorded in each stream's state header."""

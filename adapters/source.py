@@ -21,6 +21,8 @@ from ttaserve.adapters.stream_norm import StreamNorm
 class SourceStatistics:
     """Normalize with the source running statistics; nothing to update."""
 
+    per_sample = False  # the frozen model: the runner skips the per-sample moments
+
     def init_state(self, source: SourceModel) -> StateTensors:
         return {}
 

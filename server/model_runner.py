@@ -122,7 +122,8 @@ class ModelRunner:
         def statistics(layer: int, mean: torch.Tensor, var: torch.Tensor, norm: StreamNorm) -> Normalization:  # fmt: skip
             return policy.layer_statistics(layer, layer_state, mean, var, segments, norm)
 
-        ctx = NormContext(statistics=statistics)
+        per_sample = getattr(policy, "normalizes_per_sample", True)
+        ctx = NormContext(statistics=statistics if per_sample else None)
         with mode(), active_context(ctx):
             raw = self.model.module(x)
         source_logits = None
@@ -139,7 +140,7 @@ class ModelRunner:
             if loss is not None and loss.requires_grad:
                 found = torch.autograd.grad(loss, [batched[k] for k in trainable], allow_unused=True)  # fmt: skip
                 grads = {k: (g if g is not None else torch.zeros_like(batched[k])).detach() for k, g in zip(trainable, found, strict=True)}  # fmt: skip
-        moments = [ctx.moments[i] for i in range(len(self.layers))]
+        moments = [ctx.moments[i] for i in range(len(self.layers))] if per_sample else []
         if trainable:
             moments = [(mean.detach(), var.detach()) for mean, var in moments]
         return ForwardResult(
