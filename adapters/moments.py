@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -87,22 +88,24 @@ def sample_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     128-image batch, same values), and those of a very large batch are formed a few
     samples at a time (same values), keeping temporaries below the mmap threshold that
     `server/allocator.py` sets (page faults on every fresh mmap made large temporaries
-    ~10x slower than the convolutions).
+    ~10x slower than the convolutions). The spatial dims are reduced where they lie, so a
+    channels-last activation (what decoded images give) is not copied first.
     """
-    flat = x.flatten(2)
-    mean = flat.mean(2, keepdim=True)
-    step = max(1, _CHUNK_ELEMENTS // max(1, flat.shape[1] * flat.shape[2]))
-    if step >= flat.shape[0]:
-        return mean.squeeze(2), _mean_square(flat - mean)
-    var = torch.cat([_mean_square(flat[i : i + step] - mean[i : i + step]) for i in range(0, flat.shape[0], step)])  # fmt: skip
-    return mean.squeeze(2), var
+    dims = tuple(range(2, x.dim()))  # reduced in place: a channels-last x is not copied
+    mean = x.mean(dims, keepdim=True)
+    spatial = math.prod(x.shape[2:])
+    step = max(1, _CHUNK_ELEMENTS // max(1, x.shape[1] * spatial))
+    if step >= x.shape[0]:
+        return mean.flatten(1), _mean_square(x - mean, dims)
+    var = torch.cat([_mean_square(x[i : i + step] - mean[i : i + step], dims) for i in range(0, x.shape[0], step)])  # fmt: skip
+    return mean.flatten(1), var
 
 
-def _mean_square(deviations: torch.Tensor) -> torch.Tensor:
-    """Mean over the last dim of the squared deviations (squared in place unless autograd
-    needs them)."""
+def _mean_square(deviations: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """Mean over `dims` of the squared deviations (squared in place unless autograd needs
+    them)."""
     squared = deviations.square() if deviations.requires_grad else deviations.square_()
-    return squared.mean(2)
+    return squared.mean(dims)
 
 
 def segment_sum(values: torch.Tensor, segments: Segments) -> torch.Tensor:

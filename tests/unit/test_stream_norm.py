@@ -134,3 +134,22 @@ def test_exported_program_rewrite_matches_module(tmp_path, random_model):
         adapted_graph = module(x)
         adapted_module = package.module(x)
     torch.testing.assert_close(adapted_graph, adapted_module, rtol=1e-4, atol=1e-4)
+
+
+def test_channels_last_input_adapts_like_contiguous(random_model):
+    """Decoded images arrive channels-last: moments and per-sample normalization take them
+    as they are and give what a contiguous batch gives."""
+    from ttaserve.server.model_runner import ModelRunner
+
+    runner = ModelRunner(random_model)
+    x = torch.randn(6, 3, 32, 32)
+    channels_last = x.contiguous(memory_format=torch.channels_last)
+    segments = Segments.from_sizes([4, 2])  # two requests: per-sample statistics
+    policy = build_policy("bn")
+    states = [policy.init_state(runner.source)] * 2
+    a = runner.forward(x, segments, policy, states)
+    b = runner.forward(channels_last, segments, policy, states)
+    torch.testing.assert_close(b.raw_logits, a.raw_logits, rtol=1e-5, atol=1e-5)
+    for (ma, va), (mb, vb) in zip(a.moments, b.moments, strict=True):
+        torch.testing.assert_close(mb, ma, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(vb, va, rtol=1e-5, atol=1e-6)
