@@ -96,6 +96,7 @@ class DataPlane:
         clock: Callable[[], float] = time.time,
         max_groups: int = 32,
         single_thread_below_images: int = 0,
+        forward_threads: int | None = None,
     ) -> None:
         if default_policy not in POLICIES:
             raise ValueError(f"TTASERVE_DEFAULT_POLICY={default_policy!r} is unknown; known: {', '.join(sorted(POLICIES))}")  # fmt: skip
@@ -114,7 +115,29 @@ class DataPlane:
         self._fingerprint = runner.model.card.fingerprint
         self.groups = GroupLabels(max_groups)
         self.drift = DriftTracker(metrics, runner.source, runner.model.card.calibration)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ttaserve-forward")
+        # The forward thread sets its own intra-op thread count (`forward_threads`; None:
+        # torch's setting). It should be the only thread with an OpenMP team: see
+        # `create_app` in server/app.py.
+        self._executor = ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix="ttaserve-forward",
+            initializer=torch.set_num_threads if forward_threads else None,
+            initargs=(forward_threads,) if forward_threads else (),
+        )
+
+    async def warm_up(self, policy_name: str, x: torch.Tensor) -> None:
+        """One forward pass of a fresh `policy_name` state on `x`, in the forward thread
+        (before readiness: first-call costs are paid there, not by a request)."""
+        state = self.fresh_state(policy_name)
+        policy = self._policies[policy_name]
+        await asyncio.get_running_loop().run_in_executor(
+            self._executor,
+            self.runner.forward,
+            x,
+            Segments.from_sizes([len(x)]),
+            policy,
+            [state.packed],
+        )
 
     # --- keys and states -------------------------------------------------------------------
     def key(self, stream_id: str) -> str:

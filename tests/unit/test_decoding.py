@@ -2,10 +2,11 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import png_claiming_size
-from ttaserve.server.decoding import DecodeLimits, decode_image
+from ttaserve.server.decoding import DecodeLimits, decode_image, images_to_tensor
 from ttaserve.server.errors import InvalidInputError
 
 LIMITS = DecodeLimits(max_pixels=100_000)
@@ -61,3 +62,16 @@ def test_decompression_bomb_is_rejected_before_decoding():
     with pytest.raises(InvalidInputError) as err:
         _decode(bomb)
     assert err.value.code == "image_too_large"
+
+
+def test_images_to_tensor_normalizes_like_torch_arithmetic_bit_for_bit():
+    """NumPy normalization (request threads stay out of OpenMP) = the torch formula."""
+    images = np.random.default_rng(0).integers(0, 256, size=(5, 8, 6, 3), dtype=np.uint8)
+    mean, std = (0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261)
+    got = images_to_tensor(images, mean, std)
+    x = torch.as_tensor(images).permute(0, 3, 1, 2).float().div_(255)
+    expected = (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+    assert got.shape == (5, 3, 8, 6) and got.dtype == torch.float32
+    assert torch.equal(got, expected)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(images_to_tensor(torch.from_numpy(images), mean, std), got)
