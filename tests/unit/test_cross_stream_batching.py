@@ -224,3 +224,33 @@ def test_stored_state_with_another_tensor_layout_starts_fresh(random_model):
     assert all(j.future.result().predictions for j in jobs)
     assert (state.version, state.samples_seen) == (2, 3)
     assert state.packed.layout == StreamState.of("bn", {}, "", build_policy("bn").init_state(runner.source)).packed.layout  # fmt: skip
+
+
+def test_warm_up_and_forward_passes_run_in_the_forward_thread_with_its_thread_count(random_model):
+    """The forward thread is the only one that should run parallel torch operations (see
+    `create_app`): the warm-up runs there, with the intra-op threads it was given."""
+    import threading
+
+    runner = ModelRunner(random_model)
+    seen: list[tuple[str, int]] = []
+    forward = runner.forward
+
+    def recording_forward(*args, **kwargs):
+        seen.append((threading.current_thread().name, torch.get_num_threads()))
+        return forward(*args, **kwargs)
+
+    runner.forward = recording_forward  # type: ignore[method-assign]
+    dataplane = DataPlane(runner, InMemoryStateStore(), ServerMetrics(), "bn", forward_threads=1)
+
+    async def main() -> None:
+        await dataplane.warm_up("default", torch.zeros(1, 3, 32, 32))
+        await dataplane.process_batch([PredictJob("s", None, torch.rand(2, 3, 32, 32))])
+
+    try:
+        asyncio.run(main())
+    finally:
+        dataplane.close()
+    assert len(seen) == 2
+    for name, threads in seen:
+        assert name.startswith("ttaserve-forward") and threads == 1
+    assert threading.current_thread().name == "MainThread"
