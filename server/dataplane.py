@@ -110,6 +110,8 @@ class DataPlane:
         # Small forward passes run on one intra-op thread: their ops are too small to split,
         # and a second OpenMP thread competes with the event loop for the cores (measured on
         # 2 cores: 16 streams x 1 image 319 -> 419 images/s for `source`; 64 x 32 needs both).
+        # That was measured while other threads' OpenMP teams throttled the forward thread
+        # (see `create_app`); A/B probes since then are within this machine's noise.
         self._single_thread_below = single_thread_below_images
         self._model_name = runner.model.card.name
         self._fingerprint = runner.model.card.fingerprint

@@ -115,12 +115,9 @@ def images_to_tensor(
 ) -> torch.Tensor:
     """uint8 (N, H, W, C) -> normalized float32 (N, C, H, W) (channels-last strides).
 
-    In NumPy, not torch: this runs in request threads, and a torch operation large enough
-    to be parallel would give each such thread its own OpenMP team. With more OpenMP
-    threads than CPUs, libgomp stops spinning between parallel regions, and every
-    elementwise layer of the forward pass then waits for its team to wake up (measured
-    on 2 CPUs: 1.3x slower `source`, 1.5x slower `bn` forwards). Same values as the torch
-    arithmetic, bit for bit."""
+    In NumPy, not torch: this runs in request threads, which must not run parallel torch
+    operations (see `create_app` in server/app.py). Same values as the torch arithmetic,
+    bit for bit."""
     array = images.numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
     x = array.astype(np.float32) / np.float32(255)
     x -= np.asarray(mean, dtype=np.float32)

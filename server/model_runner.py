@@ -122,7 +122,7 @@ class ModelRunner:
         def statistics(layer: int, mean: torch.Tensor, var: torch.Tensor, norm: StreamNorm) -> Normalization:  # fmt: skip
             return policy.layer_statistics(layer, layer_state, mean, var, segments, norm)
 
-        per_sample = getattr(policy, "normalizes_per_sample", True)
+        per_sample = policy.normalizes_per_sample
         ctx = NormContext(statistics=statistics if per_sample else None)
         with mode(), active_context(ctx):
             raw = self.model.module(x)

@@ -10,6 +10,7 @@ from ttaserve.adapters.registry import build_policy
 from ttaserve.adapters.stream_norm import NormContext, active_context, convert_batchnorm_modules
 from ttaserve.architectures import build_architecture
 from ttaserve.server.graph_rewrite import load_exported_program
+from ttaserve.server.model_runner import ModelRunner
 
 
 def test_stream_norm_without_context_equals_batchnorm_in_eval():
@@ -81,8 +82,6 @@ def test_per_sample_statistics_normalize_each_sample_on_both_paths():
 
 def test_source_policy_runs_the_frozen_model_without_moments(random_model):
     """`source` is the frozen model: no per-sample moments, outputs of the plain module."""
-    from ttaserve.server.model_runner import ModelRunner
-
     runner = ModelRunner(random_model)
     x = torch.randn(3, 3, 32, 32)
     segments = Segments.from_sizes([2, 1])
@@ -139,8 +138,6 @@ def test_exported_program_rewrite_matches_module(tmp_path, random_model):
 def test_channels_last_input_adapts_like_contiguous(random_model):
     """Decoded images arrive channels-last: moments and per-sample normalization take them
     as they are and give what a contiguous batch gives."""
-    from ttaserve.server.model_runner import ModelRunner
-
     runner = ModelRunner(random_model)
     x = torch.randn(6, 3, 32, 32)
     channels_last = x.contiguous(memory_format=torch.channels_last)
