@@ -67,12 +67,6 @@ def state_keys(layer: int) -> tuple[str, str]:
     return f"bn.{layer}.mean", f"bn.{layer}.var"
 
 
-def ema_momentum(n: float, samples_seen: float, source_prior: float, floor: float) -> float:
-    """Momentum of a stream update with n samples after `samples_seen`: decays to a floor."""
-    cumulative = n / (samples_seen + n + source_prior)
-    return max(cumulative, 1.0 - (1.0 - floor) ** n)
-
-
 @dataclass(frozen=True)
 class EmaStatistics:
     """Per-stream EMA statistics (policy `bn`; RoTTA's RBN with `fixed_momentum`)."""

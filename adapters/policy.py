@@ -81,7 +81,6 @@ class Observation:
     logits: torch.Tensor  # (n, K) uncorrected model logits
     accepted: torch.Tensor  # (n,) bool
     open_set: torch.Tensor  # (n,) bool
-    samples_seen: int = 0  # samples the stream had seen before this observation
     grads: dict[str, torch.Tensor] = field(default_factory=dict)
     # subsets already selected (pieces of one update select the same one): a memo that
     # `replace` does not carry over, so it always matches the fields

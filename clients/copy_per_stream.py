@@ -100,7 +100,6 @@ class CopyPerStreamServer:
             logits=result.raw_logits,
             accepted=result.gate.accepted,
             open_set=result.gate.open_set,
-            samples_seen=s.samples_seen,
             grads={k: g[0] for k, g in result.grads.items()},
         )
         s.state = self.policy.update(s.state, observation, s.runner.source).state

@@ -99,7 +99,7 @@ class PackedTensors:
         """Pack named tensors (copied: later in-place changes to them do not show here)."""
         layout = TensorLayout.of(tensors)
         with torch.no_grad():
-            flat = _flatten(tensors).to(torch.float32)
+            flat = layout.pack_rows(tensors, 1)[0]
         return cls(flat, layout)
 
     @property
@@ -155,13 +155,6 @@ class StreamState:
     @property
     def tensor_bytes(self) -> int:
         return self.packed.nbytes
-
-
-def _flatten(tensors: StateTensors) -> torch.Tensor:
-    """All tensors' values in one 1-D tensor, in dict order."""
-    if not tensors:
-        return torch.zeros(0)
-    return torch.cat([t if t.dim() == 1 else t.reshape(-1) for t in tensors.values()])
 
 
 def finite_rows(flat: torch.Tensor) -> torch.Tensor:

@@ -50,7 +50,7 @@ def make_random_package(directory: Path, seed: int = 0) -> Path:
     return directory
 
 
-def observation_of(result: ForwardResult, rows: slice = slice(None), seen: int = 0) -> Observation:
+def observation_of(result: ForwardResult, rows: slice = slice(None)) -> Observation:
     """The observation a request made of `rows` of a forward result (first request's grads)."""
     return Observation(
         moments=[(m[rows], v[rows]) for m, v in result.moments],
@@ -58,7 +58,6 @@ def observation_of(result: ForwardResult, rows: slice = slice(None), seen: int =
         logits=result.raw_logits[rows],
         accepted=result.gate.accepted[rows],
         open_set=result.gate.open_set[rows],
-        samples_seen=seen,
         grads={k: g[0] for k, g in result.grads.items()},
     )
 

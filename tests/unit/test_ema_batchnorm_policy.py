@@ -1,6 +1,8 @@
+import pytest
 import torch
 
 from conftest import observation_of
+from ttaserve.adapters.ema_batchnorm import EmaStatistics
 from ttaserve.adapters.moments import Segments
 from ttaserve.adapters.registry import build_policy
 from ttaserve.server.model_runner import ModelRunner, stack_states
@@ -22,9 +24,7 @@ def test_alpha_zero_reproduces_source_exactly_even_after_updates(random_model):
     for step in range(3):  # the stream's statistics move, alpha=0 must ignore them
         x = _shifted(8, step)
         result = _forward(runner, frozen_bn, x, [state], [8])
-        state = frozen_bn.update(
-            state, observation_of(result, slice(0, 8), 8 * step), runner.source
-        ).state
+        state = frozen_bn.update(state, observation_of(result, slice(0, 8)), runner.source).state
     x = _shifted(5, 99)
     expected = _forward(runner, source, x, [{}], [5]).logits
     assert torch.equal(_forward(runner, frozen_bn, x, [state], [5]).logits, expected)
@@ -53,7 +53,7 @@ def test_single_image_stream_moves_statistics_towards_the_target(random_model):
     true_mean = truth.moments[0][0].mean(0)  # first layer: its input does not depend on state
     for i in range(40):
         result = _forward(runner, policy, target[i : i + 1], [state], [1])
-        state = policy.update(state, observation_of(result, slice(0, 1), i), runner.source).state
+        state = policy.update(state, observation_of(result, slice(0, 1)), runner.source).state
     before = (initial["bn.0.mean"] - true_mean).norm()
     after = (state["bn.0.mean"] - true_mean).norm()
     assert after < 0.5 * before
@@ -66,20 +66,19 @@ def test_update_is_pure_and_constant_black_images_keep_state_finite(random_model
     snapshot = {k: v.clone() for k, v in state.items()}
     black = torch.full((4, 3, 32, 32), -2.0)  # a black image after normalization
     result = _forward(runner, policy, black, [state], [4])
-    new = policy.update(state, observation_of(result, slice(0, 4), 0), runner.source).state
+    new = policy.update(state, observation_of(result, slice(0, 4)), runner.source).state
     assert all(torch.equal(state[k], snapshot[k]) for k in state)
     assert all(torch.isfinite(t).all() for t in new.values())
     assert torch.isfinite(_forward(runner, policy, black[:1], [new], [1]).logits).all()
 
 
 def test_momentum_decays_with_samples_seen_down_to_its_floor():
-    from ttaserve.adapters.ema_batchnorm import ema_momentum
-
-    early = ema_momentum(64, 0, source_prior=16, floor=1e-3)
-    late = ema_momentum(64, 100_000, source_prior=16, floor=1e-3)
-    assert early == 64 / 80
-    assert late == 1 - (1 - 1e-3) ** 64
-    assert ema_momentum(1, 10, 16, 1e-3) > ema_momentum(1, 1000, 16, 1e-3)
+    stats = EmaStatistics(source_prior=16.0, momentum_floor=1e-3)
+    early, late = float(stats.momentum(64, 0)), float(stats.momentum(64, 100_000))
+    assert early == pytest.approx(64 / 80)
+    assert late == pytest.approx(1 - (1 - 1e-3) ** 64, rel=1e-4)  # float32 powers
+    assert float(stats.momentum(1, 10)) > float(stats.momentum(1, 1000))
+    assert float(stats.momentum(0, 10)) == 0.0  # a request without samples moves nothing
 
 
 def test_closed_shift_gate_reproduces_source_exactly(random_model):
@@ -87,7 +86,7 @@ def test_closed_shift_gate_reproduces_source_exactly(random_model):
     gated = build_policy("bn", shift_gate=(100.0, 101.0))  # no input moves statistics that far
     state = gated.init_state(runner.source)
     result = _forward(runner, gated, _shifted(8, 0), [state], [8])
-    state = gated.update(state, observation_of(result, slice(0, 8), 0), runner.source).state
+    state = gated.update(state, observation_of(result, slice(0, 8)), runner.source).state
     x = _shifted(5, 99)
     expected = _forward(runner, source, x, [{}], [5]).logits
     assert torch.equal(_forward(runner, gated, x, [state], [5]).logits, expected)
@@ -127,7 +126,7 @@ def test_switch_gate_that_never_opens_changes_nothing(random_model):
     x = _shifted(32, 4)
     a, b = _forward(runner, plain, x, [state], [32]), _forward(runner, gated, x, [state], [32])
     assert torch.equal(a.logits, b.logits)
-    obs = observation_of(a, slice(0, 32), 0)
+    obs = observation_of(a, slice(0, 32))
     new_a, new_b = plain.update(state, obs, runner.source).state, gated.update(state, obs, runner.source).state  # fmt: skip
     assert all(torch.equal(new_a[k], new_b[k]) for k in new_a)
 
@@ -140,7 +139,7 @@ def test_domain_switch_forgets_a_long_history_fast(random_model):
     state = plain.init_state(runner.source)
     state["bn.samples"] = torch.tensor([100_000.0])
     x = _shifted(32, 5)
-    obs = observation_of(_forward(runner, plain, x, [state], [32]), slice(0, 32), 100_000)
+    obs = observation_of(_forward(runner, plain, x, [state], [32]), slice(0, 32))
     pooled = obs.moments[0][0].mean(0)  # layer 0's pooled mean of the batch
     for policy, momentum in (
         (gated, 0.5),
@@ -149,7 +148,7 @@ def test_domain_switch_forgets_a_long_history_fast(random_model):
         new = policy.update(state, obs, runner.source).state
         expected = (1 - momentum) * state["bn.0.mean"] + momentum * pooled
         torch.testing.assert_close(new["bn.0.mean"], expected, atol=1e-5, rtol=1e-5)
-    small = observation_of(_forward(runner, gated, x[:4], [state], [4]), slice(0, 4), 100_000)
+    small = observation_of(_forward(runner, gated, x[:4], [state], [4]), slice(0, 4))
     assert float(gated.statistics._switch(state, small)) == 0.0  # too few samples to call a switch
     new_small = gated.update(state, small, runner.source).state
     assert torch.equal(new_small["bn.0.mean"], plain.update(state, small, runner.source).state["bn.0.mean"])  # fmt: skip

@@ -89,7 +89,7 @@ def test_update_of_all_layers_at_once_equals_a_mix_per_layer(random_model):
             moments = [(torch.randn(n, m.channels, generator=g), torch.rand(n, m.channels, generator=g)) for m in runner.source.layers]  # fmt: skip
             probs = torch.softmax(torch.randn(n, 10, generator=g), 1)
             false = torch.zeros(n, dtype=torch.bool)
-            obs = Observation(moments, probs, probs.log(), ~false, false, samples_seen=int(state[SAMPLES_KEY]))  # fmt: skip
+            obs = Observation(moments, probs, probs.log(), ~false, false)
             new = stats.update(state, obs, runner.source)
             momentum = stats.momentum(n, state[SAMPLES_KEY])
             weights = stats._balance_weights(state, obs, runner.source) if stats.class_balanced else None  # fmt: skip
@@ -119,8 +119,8 @@ def test_select_keeps_the_same_values_and_reuses_its_selections():
         assert torch.equal(known.moments[0][0], moments[0][0][keep]) and known.count == int(keep.sum())  # fmt: skip
         assert obs.select("known") is known and obs.select("all") is obs
         assert (known is obs) == bool(keep.all())
-        fresh = dataclasses.replace(obs, samples_seen=3)  # a new observation: a new selection
-        assert fresh.select("known").samples_seen == 3
+        fresh = dataclasses.replace(obs, probs=probs.flip(0))  # a new observation: a new selection
+        assert torch.equal(fresh.select("known").probs, probs.flip(0)[keep])
 
 
 class _Unprepared:
