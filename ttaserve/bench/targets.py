@@ -36,12 +36,19 @@ def every_corruption(mine: dict[str, Any], source: dict[str, Any]) -> Check:
         return _check(True, "no corruption")
     worst = min(gaps, key=gaps.__getitem__)
     below = sorted(k for k, g in gaps.items() if g < 0)
-    return _check(not below, f"worst {worst} {gaps[worst]:+.1f}" + (f"; below on {', '.join(below)}" if below else ""))  # fmt: skip
+    detail = f"worst {worst} {gaps[worst]:+.1f}{_images(mine['domains'][worst])}"
+    return _check(not below, detail + (f"; below on {', '.join(below)}" if below else ""))
+
+
+def _images(domain: dict[str, Any]) -> str:
+    """' (n images)': how many images a percentage stands on (one image of 72 is 1.4 points)."""
+    return f" ({domain['images']} images)" if "images" in domain else ""
 
 
 def clean_within(mine: dict[str, Any], source: dict[str, Any]) -> Check:
     gap = mine["clean"] - source["clean"]
-    return _check(gap >= -CLEAN_TOLERANCE, f"clean {gap:+.1f} vs source")
+    images = _images(mine["domains"].get(CLEAN, {}))
+    return _check(gap >= -CLEAN_TOLERANCE, f"clean {gap:+.1f} vs source{images}")
 
 
 def best_on_average(policy: str, results: dict[str, dict[str, Any]], scenario: str) -> Check:
