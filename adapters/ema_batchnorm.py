@@ -101,6 +101,11 @@ class EmaStatistics:
     # statistics near the source (d < lo: the source model answers); corruptions move them.
     shift_gate: tuple[float, float] | None = None
     class_specific_sensitivity: float = 0.04  # s_l above this: layer l is class-specific
+    # In the class-specific layers, alpha is further scaled by `class_specific_alpha`: those
+    # layers keep part of the source statistics, because a stream's statistics there lean
+    # toward the classes it has seen lately (class-correlated order, label shift), and
+    # class-balanced updates undo that only as far as the predictions are right.
+    class_specific_alpha: float = 1.0
     # With `switch_gate` (lo, hi), a request of at least `switch_min_batch` samples whose
     # statistics sit far from its stream's in the layers that are not class-specific (mean
     # |log var ratio| ramping lo -> hi) is taken as a domain switch: in the class-specific
@@ -111,8 +116,9 @@ class EmaStatistics:
     switch_momentum: float = 0.5
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        for name in ("alpha", "class_specific_alpha"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if (self.request_prior or 0) < 0 or self.source_prior < 0 or not 0 < self.momentum_floor <= 1:  # fmt: skip
             raise ValueError("priors must be >= 0 and momentum_floor in (0, 1]")
         for name in ("shift_gate", "switch_gate"):
@@ -167,9 +173,14 @@ class EmaStatistics:
         if self.switch_gate is not None:  # empty when no request is large enough to switch
             eligible = bool((segments.sizes >= self.switch_min_batch).any())
             prepared[SWITCH_EVIDENCE_KEY] = torch.zeros(segments.count if eligible else 0, 1)
-        if SENSITIVITY_KEY in state and (self.shift_gate is not None or self.switch_gate is not None):  # fmt: skip
+        if SENSITIVITY_KEY in state and self._uses_layer_plan:
             prepared[LAYER_PLAN_KEY] = self._plan(state)
         return prepared
+
+    @property
+    def _uses_layer_plan(self) -> bool:
+        """Whether layers are treated by kind (class-specific or not)."""
+        return self.shift_gate is not None or self.switch_gate is not None or self.class_specific_alpha != 1.0  # fmt: skip
 
     def _plan(self, state: StateTensors) -> torch.Tensor:
         """(L, 2): per layer, 1 if it is class-specific, and how many layers up to it are not."""
@@ -216,8 +227,7 @@ class EmaStatistics:
         if w is None:
             w = self._request_weights(state, segments.sizes)
         w = _layer_column(w, layer)
-        gated = self.shift_gate is not None or self.switch_gate is not None
-        specific, count = self._layer_plan(layer, state) if gated else (False, 0)
+        specific, count = self._layer_plan(layer, state) if self._uses_layer_plan else (False, 0)
         if self.switch_gate is not None and _has_rows(state, SWITCH_EVIDENCE_KEY):
             distance = None if specific else _log_var_distance(req_var, state[var_key])
             switch = _accumulate(state, SWITCH_EVIDENCE_KEY, distance, count, self.switch_gate)
@@ -231,6 +241,8 @@ class EmaStatistics:
             alpha = _accumulate(state, SHIFT_EVIDENCE_KEY, distance, count, self.shift_gate)
             if self.alpha != 1.0:
                 alpha = alpha * self.alpha
+        if specific and self.class_specific_alpha != 1.0:  # a mixture of mixtures: alphas multiply
+            alpha = alpha * self.class_specific_alpha
         return source_mixed_normalization(norm, tgt_mean, tgt_var, alpha, segments)
 
     def _switch(self, state: StateTensors, obs: Observation) -> torch.Tensor | float:

@@ -62,6 +62,7 @@ def default_statistics() -> EmaStatistics:
         class_sensitivity_scale=0.01,
         shift_gate=(0.035, 0.06),  # clean streams under label shift stay at the source model
         switch_gate=(0.2, 0.5),  # a request from a new domain is trusted and forgets history
+        class_specific_alpha=0.5,  # the class-specific layers keep half the source statistics
     )
 
 
@@ -72,7 +73,7 @@ def _default(**_: Any) -> ComposedPolicy:
         outputs=(PriorCorrection(), LameCorrection()),
         gates=(EnergyOpenSetGate(), EntropyGate()),
         guard=CollapseGuard(),
-        description="class-balanced EMA statistics (a request weighs n/(n+16) while the stream looks i.i.d., like history otherwise; less in class-specific layers), used only as far as the class-independent layers show a covariate shift, trusted fully when they show a domain switch + open-set gate + online label-prior correction + LAME on correlated requests + collapse guard",  # fmt: skip
+        description="class-balanced EMA statistics (a request weighs n/(n+16) while the stream looks i.i.d., like history otherwise; less in class-specific layers, which keep half the source statistics), used only as far as the class-independent layers show a covariate shift, trusted fully when they show a domain switch + open-set gate + online label-prior correction + LAME on correlated requests + collapse guard",  # fmt: skip
     )
 
 

@@ -6,7 +6,7 @@ from ttaserve.adapters.class_moments import class_conditional_moments, class_sen
 from ttaserve.adapters.ema_batchnorm import EmaStatistics
 from ttaserve.adapters.moments import Segments, pooled_moments
 from ttaserve.server.model_package import load_package
-from ttaserve.server.model_runner import ModelRunner
+from ttaserve.server.model_runner import ModelRunner, stack_states
 from ttaserve.server.settings import bundled_model_path
 
 
@@ -52,3 +52,33 @@ def test_the_demo_package_carries_class_statistics_for_every_layer():
     for (mean, var), norm in zip(model.class_moments, model.layers, strict=True):
         assert mean.shape == var.shape == (model.num_classes, norm.channels)
         assert torch.isfinite(mean).all() and (var >= 0).all()
+
+
+def test_class_specific_layers_keep_their_share_of_the_source_statistics(random_model):
+    runner = ModelRunner(random_model)
+    layers = runner.source.layers
+    spread = [torch.zeros(10, n.channels) for n in layers]
+    spread[-1] = torch.randn(10, layers[-1].channels) * 3  # only the last layer is class-specific
+    source = dataclasses.replace(runner.source, class_moments=[(m, torch.ones_like(m)) for m in spread])  # fmt: skip
+    segments = Segments.from_sizes([5, 3])
+    results = {}
+    for share in (1.0, 0.5, 0.0):
+        stats = EmaStatistics(class_sensitivity_scale=0.01, class_specific_alpha=share)
+        state = stack_states([stats.init_state(source)] * 2)
+        state = {k: v * 1.3 if k.endswith(".var") else v for k, v in state.items()}  # adapted
+        state |= stats.prepare(state, segments)
+        for layer, norm in enumerate(layers):
+            mean = torch.randn(8, norm.channels, generator=torch.Generator().manual_seed(layer))
+            var = torch.rand(8, norm.channels, generator=torch.Generator().manual_seed(layer))
+            results[share, layer] = stats.layer_statistics(layer, state, mean, var, segments, norm)
+    last = len(layers) - 1
+    for layer in range(last):  # the other layers do not see the option
+        assert torch.equal(results[0.0, layer].var, results[1.0, layer].var)
+    assert torch.equal(results[0.0, last].mean, layers[-1].running_mean.expand(8, -1))
+    assert torch.equal(results[0.0, last].var, layers[-1].running_var.expand(8, -1))
+    # half way: the moments of the even mixture of the source and the fully adapted ones
+    full, source_mean, source_var = results[1.0, last], layers[-1].running_mean, layers[-1].running_var  # fmt: skip
+    half_mean = (source_mean + full.mean) / 2
+    half_var = (source_var + full.var) / 2 + (full.mean - source_mean).square() / 4
+    torch.testing.assert_close(results[0.5, last].mean, half_mean)
+    torch.testing.assert_close(results[0.5, last].var, half_var)

@@ -55,8 +55,8 @@ def _weight_per_layer(stats, state, n, layer):
 def test_prepared_request_weights_equal_the_weights_of_each_layer(random_model):
     runner = ModelRunner(random_model)
     source = _source_with_class_moments(runner)
-    # the gates (alpha, switch) are tested apart
-    ungated = dataclasses.replace(default_statistics(), shift_gate=None, switch_gate=None)
+    # the gates (alpha, switch) and the class-specific layers' alpha are tested apart
+    ungated = dataclasses.replace(default_statistics(), shift_gate=None, switch_gate=None, class_specific_alpha=1.0)  # fmt: skip
     pieces = [ungated, EmaStatistics(), EmaStatistics(request_prior=None, fixed_momentum=0.05)]
     for stats in pieces:
         for sizes in ([1], [64], [1] * 5, [3, 1, 16, 2]):
