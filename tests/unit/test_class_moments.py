@@ -30,12 +30,17 @@ def test_sensitivity_is_zero_when_classes_share_statistics_and_grows_with_their_
     assert s[0] == 0 and torch.isclose(s[1], torch.tensor(1.0))
 
 
+def _last_layer_class_specific(model):
+    """The model's source with class statistics that make only its last layer class-specific."""
+    source = ModelRunner(model).source
+    spread = [torch.zeros(10, n.channels) for n in source.layers]
+    spread[-1] = torch.randn(10, source.layers[-1].channels) * 3
+    return dataclasses.replace(source, class_moments=[(m, torch.ones_like(m)) for m in spread])  # fmt: skip
+
+
 def test_class_specific_layers_give_a_request_less_weight(random_model):
-    runner = ModelRunner(random_model)
-    layers = runner.source.layers
-    spread = [torch.zeros(10, n.channels) for n in layers]
-    spread[-1] = torch.randn(10, layers[-1].channels) * 3  # only the last layer is class-specific
-    source = dataclasses.replace(runner.source, class_moments=[(m, torch.ones_like(m)) for m in spread])  # fmt: skip
+    source = _last_layer_class_specific(random_model)
+    layers = source.layers
     stats = EmaStatistics(class_sensitivity_scale=0.01)
     state = {k: v.unsqueeze(0) for k, v in stats.init_state(source).items()}
     n = Segments.from_sizes([64]).sizes
@@ -55,11 +60,8 @@ def test_the_demo_package_carries_class_statistics_for_every_layer():
 
 
 def test_class_specific_layers_keep_their_share_of_the_source_statistics(random_model):
-    runner = ModelRunner(random_model)
-    layers = runner.source.layers
-    spread = [torch.zeros(10, n.channels) for n in layers]
-    spread[-1] = torch.randn(10, layers[-1].channels) * 3  # only the last layer is class-specific
-    source = dataclasses.replace(runner.source, class_moments=[(m, torch.ones_like(m)) for m in spread])  # fmt: skip
+    source = _last_layer_class_specific(random_model)
+    layers = source.layers
     segments = Segments.from_sizes([5, 3])
     results = {}
     for share in (1.0, 0.5, 0.0):
