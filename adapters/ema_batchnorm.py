@@ -84,6 +84,11 @@ class EmaStatistics:
     adaptive_request_weight: bool = False
     diversity_threshold: float = 0.7  # H(mean p) / H(source prior) below this: correlated
     diversity_min_batch: int = 16
+    # With `diversity_from_labels`, a request's diversity is that of its predicted labels
+    # (one-hot argmax) rather than of its mean probabilities: under a strong corruption the
+    # probabilities are diffuse, so their mean looks i.i.d. even for a class-correlated
+    # request, while the predicted labels still concentrate on a few classes.
+    diversity_from_labels: bool = False
     # With `class_balanced`, samples are weighted by pi_source(y) / pi_stream(y) (soft, from
     # the stream's label-prior estimate) when they update the statistics, so that label
     # shift does not bias the stream's BN statistics (RoTTA's class-balanced feed, without
@@ -262,6 +267,13 @@ class EmaStatistics:
             return 0.0
         return _ramp(torch.stack(distances).mean(), self.switch_gate)
 
+    def _diversity_input(self, probs: torch.Tensor) -> torch.Tensor:
+        """What a request's diversity is measured on: its probabilities (N, K), or its
+        predicted labels one-hot (`diversity_from_labels`)."""
+        if not self.diversity_from_labels:
+            return probs
+        return torch.nn.functional.one_hot(probs.argmax(1), probs.shape[1]).to(probs.dtype)
+
     def update_batch(self, state: StateTensors, obs: BatchObservation, source: SourceModel) -> StateTensors:  # fmt: skip
         """`update` for every request of a forward pass at once (row r from request r)."""
         return _batch_update(self, state, obs, source)
@@ -281,7 +293,7 @@ class EmaStatistics:
             new_state.update(_updated_statistics(state, obs.moments, weights, momentum))
         new_state[SAMPLES_KEY] = seen + n
         if n >= self.diversity_min_batch:
-            new_state[DIVERSITY_KEY] = 0.7 * state[DIVERSITY_KEY] + 0.3 * prediction_diversity(obs.probs, source.prior)  # fmt: skip
+            new_state[DIVERSITY_KEY] = 0.7 * state[DIVERSITY_KEY] + 0.3 * prediction_diversity(self._diversity_input(obs.probs), source.prior)  # fmt: skip
         return new_state
 
 
@@ -321,7 +333,7 @@ def _batch_update(stats: EmaStatistics, state: StateTensors, obs: BatchObservati
     new_state[SAMPLES_KEY] = state[SAMPLES_KEY] + n.view_as(state[SAMPLES_KEY])
     diverse = n >= stats.diversity_min_batch
     if bool(diverse.any()):
-        diversity = marginal_diversity(seg.mean(obs.probs, mask), source.prior)
+        diversity = marginal_diversity(seg.mean(stats._diversity_input(obs.probs), mask), source.prior)  # fmt: skip
         old = state[DIVERSITY_KEY]
         moved = 0.7 * old + 0.3 * diversity.view_as(old)
         new_state[DIVERSITY_KEY] = torch.where(diverse.view_as(old), moved, old)

@@ -57,6 +57,7 @@ def default_statistics() -> EmaStatistics:
     return EmaStatistics(
         adaptive_request_weight=True,
         diversity_threshold=0.85,
+        diversity_from_labels=True,  # diffuse probabilities under corruption hide correlation
         source_prior=4.0,
         class_balanced=True,
         class_sensitivity_scale=0.01,

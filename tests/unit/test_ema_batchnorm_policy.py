@@ -4,6 +4,7 @@ import torch
 from conftest import observation_of
 from ttaserve.adapters.ema_batchnorm import EmaStatistics
 from ttaserve.adapters.moments import Segments
+from ttaserve.adapters.policy import BatchObservation, Observation
 from ttaserve.adapters.registry import build_policy
 from ttaserve.server.model_runner import ModelRunner, stack_states
 
@@ -165,3 +166,28 @@ def test_single_image_batches_skip_the_switch_gate_with_the_same_results(random_
     assert prepared["bn.forward.switch_evidence"].shape[0] == 0
     a, b = _forward(runner, plain, x, states, sizes), _forward(runner, gated, x, states, sizes)
     assert torch.equal(a.logits, b.logits)
+
+
+def test_diversity_from_labels_sees_a_correlated_request_behind_diffuse_probabilities(random_model):
+    """Corruption makes probabilities diffuse: their mean looks i.i.d. although every image
+    is predicted as one class. Measured on labels, the request is seen as correlated."""
+    runner = ModelRunner(random_model)
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(32, 10, generator=g) * 0.1, 1)
+    probs[:, 3] += 0.05  # every image's top class is 3, by a small margin
+    probs = probs / probs.sum(1, keepdim=True)
+    logits = probs.log()
+    false = torch.zeros(32, dtype=torch.bool)
+    obs = Observation([], probs, logits, ~false, false)
+    diversity = {}
+    for from_labels in (False, True):
+        stats = EmaStatistics(diversity_from_labels=from_labels)
+        state = stats.init_state(runner.source)
+        single = stats.update(state, obs, runner.source)["bn.diversity"]
+        batch = BatchObservation([], probs, logits, ~false, false, Segments.from_sizes([32]))
+        stacked = stack_states([state])
+        batched = stats.update_batch(stacked, batch, runner.source)["bn.diversity"]
+        torch.testing.assert_close(batched.reshape(-1), single.reshape(-1))  # both paths agree
+        diversity[from_labels] = float(single)
+    assert diversity[False] > 0.99  # 0.7 * 1 + 0.3 * ~1: the soft mean looks i.i.d.
+    assert diversity[True] == pytest.approx(0.7)  # 0.7 * 1 + 0.3 * 0: one predicted class
