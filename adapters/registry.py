@@ -7,6 +7,7 @@ and say where they deviate.
 
 from __future__ import annotations
 
+import ast
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from typing import Any
@@ -142,3 +143,45 @@ def build_policy(name: str, **params: Any) -> AdaptationPolicy:
     if factory is None:
         raise KeyError(f"unknown policy {name!r}; known: {', '.join(sorted(POLICIES))}")
     return factory(**params)
+
+
+def parse_variant(spec: str) -> tuple[str, str, dict[str, Any]]:
+    """`NAME=BASE:field=value;field=value` -> (name, base, overrides); values are Python
+    literals (`0.25`, `None`, `(0.2, 0.5)`), read with `ast.literal_eval`."""
+    name, sep, rest = spec.partition("=")
+    base, sep2, fields = rest.partition(":")
+    if not sep or not sep2 or not name.strip() or not base.strip():
+        raise ValueError(f"variant {spec!r}: expected NAME=BASE:field=value;field=value")
+    overrides: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in fields.split(";"))):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"variant {spec!r}: {item!r} is not field=value")
+        try:
+            overrides[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError) as exc:
+            raise ValueError(
+                f"variant {spec!r}: {value.strip()!r} is not a Python literal"
+            ) from exc
+    return name.strip(), base.strip(), overrides
+
+
+def register_variant(name: str, base: str, statistics: dict[str, Any]) -> None:
+    """Register policy `name`: policy `base` with fields of its statistics piece replaced
+    (for ablations, e.g. `ttaserve bench accuracy --variant`). Registering the same
+    variant again is a no-op; another policy of that name is an error."""
+    built = build_policy(base)
+    description = f"`{base}` with {statistics} (variant)"
+    try:
+        variant = replace(built, name=name, statistics=replace(built.statistics, **statistics), description=description)  # type: ignore[type-var]  # fmt: skip
+    except TypeError as exc:
+        raise ValueError(f"variant {name!r}: {exc}") from exc
+    existing = POLICIES.get(name)
+    if existing is not None and (getattr(existing, "variant_of", None) != (base, statistics)):
+        raise ValueError(f"policy {name!r} already exists")
+
+    def factory(**_: Any) -> AdaptationPolicy:
+        return variant  # frozen and stateless, like every policy
+
+    factory.variant_of = (base, statistics)  # type: ignore[attr-defined]
+    POLICIES[name] = factory

@@ -128,3 +128,26 @@ def test_worker_processes_give_the_numbers_of_a_serial_run(random_package: Path,
         reports.append(results)
     assert list(reports[0]) == list(reports[1]) == ["source", "bn", "default"]
     assert reports[0] == reports[1]
+
+
+def test_bench_accuracy_variants_reach_the_worker_processes(random_package: Path, tmp_path: Path) -> None:  # fmt: skip
+    """`--variant` with `--jobs 2`: a `bn` variant with alpha 0 answers like the frozen model."""
+    from ttaserve.adapters.registry import POLICIES
+
+    data = write_labelled_set(tmp_path / "tiny.npz")
+    out = tmp_path / "results"
+    argv = [
+        "--data", str(data), "--model", str(random_package), "--policies", "source,frozen_bn",
+        "--variant", "frozen_bn=bn:alpha=0.0", "--scenarios", "iid",
+        "--corruptions", "gaussian_noise", "--per-class", "4", "--threads", "2", "--jobs", "2",
+        "--out", str(out), "--cache", str(tmp_path / "cache"),
+    ]  # fmt: skip
+    try:
+        assert main(argv) == 0
+    finally:
+        POLICIES.pop("frozen_bn", None)
+    results = json.loads((out / "accuracy.json").read_text())["results"]
+    assert results["frozen_bn"]["iid"]["domains"] == results["source"]["iid"]["domains"]
+    with pytest.raises(SystemExit):
+        main([*argv[:6], "--variant", "broken=bn:alpha=2.0"])  # outside [0, 1]: a usage error
+    assert "broken" not in POLICIES

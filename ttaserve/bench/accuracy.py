@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ttaserve.adapters.registry import POLICIES
+from ttaserve.adapters.registry import POLICIES, parse_variant, register_variant
 from ttaserve.bench.corruptions import DEFAULT_CACHE_DIR, KEPT_CORRUPTIONS, cached_corrupt_images
 from ttaserve.bench.open_set import digits_images
 from ttaserve.bench.parallel import replay_in_workers
@@ -100,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", type=Path, help="labelled npz (x uint8 NHWC, y) or a folder with test.npz (default: the CIFAR-10 test set)")  # fmt: skip
     parser.add_argument("--model", type=Path, help="model package folder (default: the bundled demo model)")  # fmt: skip
     parser.add_argument("--policies", help=f"comma list (default: all registered: {', '.join(POLICIES)})")  # fmt: skip
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=BASE:FIELD=VALUE;...", help="add policy NAME: policy BASE with fields of its statistics piece replaced, e.g. 'a25=default:class_specific_alpha=0.25' (repeatable; name it in --policies)")  # fmt: skip
     parser.add_argument("--scenarios", help=f"comma list (default: all: {', '.join(SCENARIOS)})")
     parser.add_argument("--corruptions", help=f"comma list of {', '.join(KEPT_CORRUPTIONS)} (default: {', '.join(DEFAULT_CORRUPTIONS)}; --full: all)")  # fmt: skip
     parser.add_argument("--severity", type=int, default=5, choices=range(1, 6), help="corruption severity (default 5)")  # fmt: skip
@@ -111,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--quick", action="store_true", help=f"a few minutes on 2 cores: {', '.join(QUICK_CORRUPTIONS)}, 50 per class, {', '.join(QUICK_SCENARIOS)}")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("bench-results/accuracy"), help="output folder")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--jobs", type=_positive, default=1, help="worker processes replaying policies side by side (each with threads/jobs torch threads); registered policies only")  # fmt: skip
+    parser.add_argument("--jobs", type=_positive, default=1, help="worker processes replaying policies side by side (each with threads/jobs torch threads); registered and --variant policies only")  # fmt: skip
     parser.add_argument("--threads", type=int, default=0, help="torch threads and corruption processes (default: all cores; use 1 while other work keeps the cores busy)")  # fmt: skip
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE_DIR, help="corrupted-image cache folder")  # fmt: skip
     parser.add_argument("--no-cache", action="store_true", help="recompute corruptions, write no cache")  # fmt: skip
@@ -122,6 +123,10 @@ def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     """Turn options (and --quick/--full) into one explicit configuration."""
     mode = "full" if args.full else "quick" if args.quick else "default"
     per_class, single, long = SIZES[mode]
+    try:
+        register_variants(args.variant)
+    except ValueError as exc:
+        parser.error(str(exc))
     try:
         policies = _names(args.policies, list(POLICIES), "policy") if args.policies else list(POLICIES)  # fmt: skip
         default_scenarios = QUICK_SCENARIOS if args.quick else SCENARIOS
@@ -138,6 +143,7 @@ def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
         "data": str(data),
         "model": str(args.model or bundled_model_path()),
         "policies": policies,
+        "variants": list(args.variant),
         "scenarios": [s for s in SCENARIOS if s in scenarios],
         "corruptions": corruptions,
         "severity": args.severity,
@@ -151,6 +157,12 @@ def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
         "out": str(args.out),
         "batch_size": BATCH_SIZE,
     }
+
+
+def register_variants(specs: list[str]) -> None:
+    """Register the `--variant` policies (in the parent and in every worker process)."""
+    for spec in specs:
+        register_variant(*parse_variant(spec))
 
 
 def _positions(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:

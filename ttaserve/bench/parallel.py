@@ -4,7 +4,8 @@ Each worker process (spawned, so no forked torch thread pools) loads the model a
 rebuilds the same stream plans from the configuration (corruptions come from the cache
 the parent filled), then replays whole policies; the parent only gathers the answers.
 Results are identical to a serial run: every stream starts from a fresh dataplane and the
-plans are seeded. Policies registered at run time in the parent (not in the registry
+plans are seeded. `--variant` policies are registered in every worker from the
+configuration; other policies registered at run time in the parent (not in the registry
 module) are unknown to the workers: use one job for those.
 """
 
@@ -27,8 +28,9 @@ _WORKER: dict[str, Any] = {}
 
 
 def _start_worker(cfg: dict[str, Any], threads: int, done: Synchronized) -> None:
-    from ttaserve.bench.accuracy import load_inputs, plan_streams  # the parent's module
+    from ttaserve.bench.accuracy import load_inputs, plan_streams, register_variants
 
+    register_variants(cfg.get("variants", []))  # the parent's `--variant` policies
     tune_glibc_malloc()  # as the server does: activations reuse heap memory
     torch.set_num_threads(threads)
     runner, x, y = load_inputs(cfg)
