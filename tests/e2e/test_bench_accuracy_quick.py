@@ -24,6 +24,15 @@ def write_labelled_set(path: Path, per_class: int = 6, seed: int = 0) -> Path:
     return path
 
 
+def bench_args(package: Path, tmp_path: Path, *options: str) -> tuple[list[str], Path]:
+    """Arguments for a run on the tiny set and `package`, writing under `tmp_path`; and
+    the output folder."""
+    data = write_labelled_set(tmp_path / "tiny.npz")
+    out = tmp_path / "results"
+    common = ["--data", str(data), "--model", str(package), "--out", str(out), "--cache", str(tmp_path / "cache")]  # fmt: skip
+    return [*common, *options], out
+
+
 def test_bench_accuracy_writes_reports(random_package: Path, tmp_path: Path) -> None:
     data = write_labelled_set(tmp_path / "tiny.npz")
     out = tmp_path / "results"
@@ -59,14 +68,11 @@ def test_bench_accuracy_writes_reports(random_package: Path, tmp_path: Path) -> 
 
 
 def test_bench_accuracy_checks_the_default_policy_targets(random_package: Path, tmp_path: Path) -> None:  # fmt: skip
-    data = write_labelled_set(tmp_path / "tiny.npz")
-    out = tmp_path / "results"
-    argv = [
-        "--data", str(data), "--model", str(random_package), "--policies", "default,source",
+    argv, out = bench_args(
+        random_package, tmp_path, "--policies", "default,source",
         "--scenarios", "iid,single,continual_long", "--corruptions", "contrast",
-        "--per-class", "3", "--single-per-class", "2", "--long-per-class", "1",
-        "--threads", "1", "--out", str(out), "--cache", str(tmp_path / "cache"),
-    ]  # fmt: skip
+        "--per-class", "3", "--single-per-class", "2", "--long-per-class", "1", "--threads", "1",
+    )  # fmt: skip
     assert main(argv) == 0
     targets = json.loads((out / "accuracy.json").read_text())["targets"]
     assert set(targets) == {"iid", "single", "continual_long"}
@@ -134,14 +140,11 @@ def test_bench_accuracy_variants_reach_the_worker_processes(random_package: Path
     """`--variant` with `--jobs 2`: a `bn` variant with alpha 0 answers like the frozen model."""
     from ttaserve.adapters.registry import POLICIES
 
-    data = write_labelled_set(tmp_path / "tiny.npz")
-    out = tmp_path / "results"
-    argv = [
-        "--data", str(data), "--model", str(random_package), "--policies", "source,frozen_bn",
-        "--variant", "frozen_bn=bn:alpha=0.0", "--scenarios", "iid",
-        "--corruptions", "gaussian_noise", "--per-class", "4", "--threads", "2", "--jobs", "2",
-        "--out", str(out), "--cache", str(tmp_path / "cache"),
-    ]  # fmt: skip
+    options = ["--scenarios", "iid", "--corruptions", "gaussian_noise", "--per-class", "4"]
+    argv, out = bench_args(
+        random_package, tmp_path, *options, "--policies", "source,frozen_bn",
+        "--variant", "frozen_bn=bn:alpha=0.0", "--threads", "2", "--jobs", "2",
+    )  # fmt: skip
     try:
         assert main(argv) == 0
     finally:
@@ -149,5 +152,5 @@ def test_bench_accuracy_variants_reach_the_worker_processes(random_package: Path
     results = json.loads((out / "accuracy.json").read_text())["results"]
     assert results["frozen_bn"]["iid"]["domains"] == results["source"]["iid"]["domains"]
     with pytest.raises(SystemExit):
-        main([*argv[:6], "--variant", "broken=bn:alpha=2.0"])  # outside [0, 1]: a usage error
+        main([*bench_args(random_package, tmp_path, *options)[0], "--variant", "broken=bn:alpha=2.0"])  # outside [0, 1]: a usage error  # fmt: skip
     assert "broken" not in POLICIES
