@@ -177,11 +177,10 @@ def register_variant(name: str, base: str, statistics: dict[str, Any]) -> None:
     except TypeError as exc:
         raise ValueError(f"variant {name!r}: {exc}") from exc
     existing = POLICIES.get(name)
-    if existing is not None and (getattr(existing, "variant_of", None) != (base, statistics)):
+    if existing is not None and existing() != variant:  # policies are frozen dataclasses
         raise ValueError(f"policy {name!r} already exists")
 
     def factory(**_: Any) -> AdaptationPolicy:
         return variant  # frozen and stateless, like every policy
 
-    factory.variant_of = (base, statistics)  # type: ignore[attr-defined]
     POLICIES[name] = factory

@@ -30,7 +30,7 @@ _WORKER: dict[str, Any] = {}
 def _start_worker(cfg: dict[str, Any], threads: int, done: Synchronized) -> None:
     from ttaserve.bench.accuracy import load_inputs, plan_streams, register_variants
 
-    register_variants(cfg.get("variants", []))  # the parent's `--variant` policies
+    register_variants(cfg["variants"])  # the parent's `--variant` policies
     tune_glibc_malloc()  # as the server does: activations reuse heap memory
     torch.set_num_threads(threads)
     runner, x, y = load_inputs(cfg)
