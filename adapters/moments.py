@@ -201,6 +201,8 @@ def _broadcast_shape(a: torch.Size, b: torch.Size) -> torch.Size:
     """`torch.broadcast_shapes` for the common cases, without its overhead."""
     if a == b:
         return a
-    if len(a) == len(b) and all(x == y or x == 1 or y == 1 for x, y in zip(a, b, strict=True)):
+    rank = max(len(a), len(b))  # align trailing dims, as broadcasting does: (C,) with (1, C)
+    a, b = (1,) * (rank - len(a)) + tuple(a), (1,) * (rank - len(b)) + tuple(b)
+    if all(x == y or x == 1 or y == 1 for x, y in zip(a, b, strict=True)):
         return torch.Size(y if x == 1 else x for x, y in zip(a, b, strict=True))
-    return torch.broadcast_shapes(a, b)
+    return torch.broadcast_shapes(a, b)  # raises the usual error
