@@ -2,7 +2,9 @@
 # ttaserve CPU image: the demo model (models/) or a mounted package, served on 0.0.0.0:8000.
 #   docker build -t ttaserve:0.1.0 .
 #   docker run -p 8000:8000 ttaserve:0.1.0
-# Build args: TORCH_VERSION and TORCH_INDEX_URL (the CPU wheel index keeps CUDA out).
+# Build args: TORCH_VERSION and TORCH_INDEX_URL (the CPU wheel index keeps CUDA out);
+# WITH_CXX=1 adds g++, which TTASERVE_COMPILE_POLICIES (torch.compile's inductor) needs at
+# run time: docker build --build-arg WITH_CXX=1 -t ttaserve:0.1.0-compile .
 
 ARG PYTHON_IMAGE=python:3.11-slim
 
@@ -25,6 +27,14 @@ COPY models/ models/
 RUN pip install --no-cache-dir .
 
 FROM ${PYTHON_IMAGE}
+ARG WITH_CXX=0
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+# hadolint ignore=DL3008
+RUN if [ "${WITH_CXX}" = "1" ]; then \
+        apt-get update \
+        && apt-get install -y --no-install-recommends g++ \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi
 RUN groupadd --system --gid 10001 ttaserve \
     && useradd --system --uid 10001 --gid ttaserve --no-create-home \
        --home-dir /tmp --shell /usr/sbin/nologin ttaserve

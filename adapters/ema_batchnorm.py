@@ -56,9 +56,11 @@ REQUEST_WEIGHTS_KEY = "bn.forward.request_weights"
 SHIFT_EVIDENCE_KEY = "bn.forward.shift_evidence"
 # Per forward, (R, 1): the same for the distance of each request from its stream (switch).
 SWITCH_EVIDENCE_KEY = "bn.forward.switch_evidence"
-# Per forward, (L, 2): per layer, 1 if it is class-specific, and how many layers up to it
-# are not (the gates' divisor): read once per layer instead of recomputed from the state.
+# Per forward, a Python tuple (not a tensor): per layer, whether it is class-specific and
+# how many layers up to it are not (the gates' divisor), read once per forward from the
+# state, so that layers branch on constants (a compiled forward cannot read tensors).
 LAYER_PLAN_KEY = "bn.forward.layer_plan"
+LayerPlan = tuple[tuple[bool, int], ...]
 
 
 @functools.cache
@@ -187,17 +189,21 @@ class EmaStatistics:
         """Whether layers are treated by kind (class-specific or not)."""
         return self.shift_gate is not None or self.switch_gate is not None or self.class_specific_alpha != 1.0  # fmt: skip
 
-    def _plan(self, state: StateTensors) -> torch.Tensor:
-        """(L, 2): per layer, 1 if it is class-specific, and how many layers up to it are not."""
+    def _plan(self, state: StateTensors) -> LayerPlan:
+        """Per layer: whether it is class-specific, and how many layers up to it are not."""
         sensitivity = state[SENSITIVITY_KEY]
-        specific = (sensitivity.reshape(-1, sensitivity.shape[-1])[0] > self.class_specific_sensitivity).float()  # fmt: skip
-        return torch.stack([specific, (1 - specific).cumsum(0)], 1)
+        flags = (sensitivity.reshape(-1, sensitivity.shape[-1])[0] > self.class_specific_sensitivity).tolist()  # fmt: skip
+        plan, count = [], 0
+        for specific in flags:
+            count += not specific
+            plan.append((bool(specific), count))
+        return tuple(plan)
 
     def _specific_layers(self, state: StateTensors, layers: int) -> list[bool]:
         """Per layer, whether it is class-specific (none without class statistics)."""
         if SENSITIVITY_KEY not in state:
             return [False] * layers
-        return [flag > 0 for flag in self._plan(state)[:, 0].tolist()]
+        return [specific for specific, _ in self._plan(state)]
 
     def _layer_plan(self, layer: int, state: StateTensors) -> tuple[bool, int]:
         """Whether `layer` is class-specific, and how many layers up to it are not."""
@@ -206,8 +212,7 @@ class EmaStatistics:
             plan = self._plan(state)
         if plan is None:  # no class statistics: no layer is class-specific
             return False, layer + 1
-        specific, count = plan[layer].tolist()
-        return specific > 0, int(count)
+        return plan[layer]  # type: ignore[return-value]
 
     @staticmethod
     def _balance_weights(state: StateTensors, obs: Observation, source: SourceModel) -> torch.Tensor | None:  # fmt: skip
@@ -383,8 +388,8 @@ def _accumulate(state: StateTensors, key: str, distance: torch.Tensor | None, co
     evidence = state.get(key)
     if evidence is None:
         raise ValueError("the gates accumulate evidence over a forward pass: call prepare() first")  # fmt: skip
-    if distance is not None:  # per forward, in place (never stream state)
-        evidence.add_(distance)
+    if distance is not None:  # per forward (never stream state): the sum so far, in the dict
+        evidence = state[key] = evidence + distance
     lo, hi = gate
     scale = 1.0 / ((hi - lo) * max(count, 1))
     return evidence.mul(scale).sub_(lo / (hi - lo)).clamp_(0.0, 1.0)

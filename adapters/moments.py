@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
 
 import torch
 
@@ -14,11 +13,31 @@ class Segments:
     """Which request (segment) each sample of a batch belongs to.
 
     `index[i]` is the request of sample i (requests are numbered 0..count-1) and
-    `sizes[r]` the number of samples of request r.
+    `sizes[r]` the number of samples of request r. What the forward pass reads of it
+    (`membership`, `divisors`; `singletons` in eager) is computed once at construction,
+    so that a compiled forward sees plain tensors (`torch.compile` cannot trace
+    `functools.cached_property` or a data-dependent `bool`).
     """
 
     index: torch.Tensor  # (N,) int64
     sizes: torch.Tensor  # (R,) float32
+    # True when every segment holds exactly one sample, in order (index is 0..N-1)
+    singletons: bool = field(init=False)
+    membership: torch.Tensor = field(init=False, repr=False)  # (R, N): 1 where i is in r
+    divisors: torch.Tensor = field(init=False, repr=False)  # (R, 1) sizes, at least 1
+    # where each segment starts, and the end: segment r is rows offsets[r]:offsets[r + 1]
+    # (segments of consecutive samples, as `from_sizes` makes them)
+    offsets: tuple[int, ...] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        n, count = len(self.index), len(self.sizes)
+        singletons = n == count and bool((self.index == torch.arange(n)).all())
+        membership = torch.zeros(count, n)
+        membership[self.index, torch.arange(n)] = 1.0
+        object.__setattr__(self, "singletons", singletons)
+        object.__setattr__(self, "membership", membership)
+        object.__setattr__(self, "divisors", self.sizes.clamp(min=1).unsqueeze(1))
+        object.__setattr__(self, "offsets", (0, *torch.cumsum(self.sizes, 0).long().tolist()))
 
     @classmethod
     def from_sizes(cls, sizes: list[int]) -> Segments:
@@ -31,27 +50,23 @@ class Segments:
     def count(self) -> int:
         return len(self.sizes)
 
-    @cached_property
-    def singletons(self) -> bool:
-        """True when every segment holds exactly one sample, in order (index is 0..N-1)."""
-        n = len(self.index)
-        return n == self.count and bool((self.index == torch.arange(n)).all())
+    @property
+    def identity(self) -> bool:
+        """Whether per-request rows are per-sample rows as they are (`singletons`), for the
+        eager fast paths. A compiled forward takes the general paths, which compute the
+        same values bit for bit here, so that it needs no variant of its own for batches
+        of one-image requests."""
+        return not torch.compiler.is_compiling() and self.singletons
 
     def per_sample(self, rows: torch.Tensor) -> torch.Tensor:
         """Per-request rows (R, ...) gathered per sample (N, ...); the rows themselves when
         every request is one sample, in order (the gather would be the identity)."""
-        return rows if self.singletons else rows[self.index]
+        return rows if self.identity else rows[self.index]
 
     def broadcast(self, rows: torch.Tensor) -> torch.Tensor:
         """Per-request rows (R, ...) for per-sample arithmetic: gathered per sample (N, ...),
         or the one request's (1, ...) row itself, which broadcasts over its samples."""
         return rows if len(self.sizes) == 1 else self.per_sample(rows)
-
-    @cached_property
-    def offsets(self) -> list[int]:
-        """Where each segment starts, and the end: segment r is rows offsets[r]:offsets[r + 1]
-        (segments of consecutive samples, as `from_sizes` makes them)."""
-        return [0, *torch.cumsum(self.sizes, 0).long().tolist()]
 
     def mean(self, values: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         """Per-segment (weighted) mean of per-sample rows (N, ...) -> (R, ...); a segment
@@ -61,19 +76,6 @@ class Segments:
         total = segment_sum(weights.unsqueeze(1), self).clamp_min(1e-12)
         summed = segment_sum(values * weights.view(-1, *[1] * (values.dim() - 1)), self)
         return summed / total.view(-1, *[1] * (values.dim() - 1))
-
-    @cached_property
-    def membership(self) -> torch.Tensor:
-        """(R, N) float matrix: 1 where sample i belongs to request r."""
-        n = len(self.index)
-        out = torch.zeros(self.count, n)
-        out[self.index, torch.arange(n)] = 1.0
-        return out
-
-    @cached_property
-    def divisors(self) -> torch.Tensor:
-        """Segment sizes as an (R, 1) column, at least 1 (empty segments divide by 1)."""
-        return self.sizes.clamp(min=1).unsqueeze(1)
 
 
 _CHUNK_ELEMENTS = 1 << 22  # deviations are formed at most this many elements at a time (16 MiB)
@@ -93,6 +95,8 @@ def sample_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     dims = tuple(range(2, x.dim()))  # reduced in place: a channels-last x is not copied
     mean = x.mean(dims, keepdim=True)
+    if torch.compiler.is_compiling():  # the compiler fuses the deviations: no temporaries
+        return mean.flatten(1), (x - mean).square().mean(dims)
     spatial = math.prod(x.shape[2:])
     step = max(1, _CHUNK_ELEMENTS // max(1, x.shape[1] * spatial))
     if step >= x.shape[0]:
@@ -129,7 +133,7 @@ def segment_moments(
     the variance of the sample means. Empty segments get zeros. One-sample segments are
     returned as they are (the same values the general path computes).
     """
-    if segments.singletons:
+    if segments.identity:
         return mean, var
     if len(segments.sizes) == 1:  # one request: plain reductions over the samples
         seg_mean = mean.mean(0, keepdim=True)

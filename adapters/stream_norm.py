@@ -91,24 +91,36 @@ class StreamNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ctx = _ACTIVE.get()
         if ctx is None or ctx.statistics is None:  # the frozen source layer, its native kernel
-            return _batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps)  # fmt: skip
-        mean, variance = sample_moments(x if x.dtype == torch.float32 else x.float())
+            return self.frozen(x)
+        out, mean, variance = self.adapt(x, ctx.statistics)
         ctx.moments[self.layer_index] = (mean, variance)
-        stats = ctx.statistics(self.layer_index, mean, variance, self)
+        return out
+
+    def frozen(self, x: torch.Tensor) -> torch.Tensor:
+        """The source batch norm."""
+        return _batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps)  # fmt: skip
+
+    def adapt(self, x: torch.Tensor, statistics: LayerStatistics) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        """x normalized per sample with what `statistics` gives for its per-sample moments;
+        returns (output, means (N, C), variances (N, C))."""
+        mean, variance = sample_moments(x if x.dtype == torch.float32 else x.float())
+        stats = statistics(self.layer_index, mean, variance, self)
         mu, var = stats[0], stats[1]
         weight, bias = self.weight, self.bias
         if len(stats) > 2 and stats[2] is not None:
             weight, bias = stats[2], stats[3]
-        if x.dtype == torch.float32 and not _needs_grad(x, mu, var, weight, bias):
+        # Eager: one native kernel where the layout allows; compiled: plain arithmetic, which
+        # the compiler fuses with its neighbours.
+        if x.dtype == torch.float32 and not _needs_grad(x, mu, var, weight, bias) and not torch.compiler.is_compiling():  # fmt: skip
             out = _per_sample_batch_norm(x, mu, var, weight, bias, self.eps)
             if out is not None:
-                return out
+                return out, mean, variance
         scale = weight * (var + self.eps).rsqrt()
         shift = torch.addcmul(bias, scale, mu, value=-1.0)  # bias - scale * mu
         if x.dtype != scale.dtype:
             scale, shift = scale.to(x.dtype), shift.to(x.dtype)
         view = (*scale.shape, *_ONES[: x.ndim - 2])
-        return torch.addcmul(shift.view(view), x, scale.view(view))
+        return torch.addcmul(shift.view(view), x, scale.view(view)), mean, variance
 
     @classmethod
     def from_batchnorm(cls, layer_index: int, bn: nn.modules.batchnorm._BatchNorm) -> StreamNorm:
@@ -154,6 +166,8 @@ class FeatureTap(nn.Module):
     """Identity that hands its input (the classifier head's features) to the active context."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # a compiled forward returns the features itself
+            return x
         ctx = _ACTIVE.get()
         if ctx is not None:
             ctx.features = x.flatten(1)

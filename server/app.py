@@ -23,6 +23,7 @@ from ttaserve import __version__
 from ttaserve.adapters.registry import POLICIES
 from ttaserve.server.allocator import tune_glibc_malloc
 from ttaserve.server.batcher import CrossStreamBatcher, PredictJob
+from ttaserve.server.compiled_forward import UnsupportedModelError
 from ttaserve.server.dataplane import DataPlane, PredictOutcome
 from ttaserve.server.decoding import DecodeLimits, decode_image, images_to_tensor
 from ttaserve.server.errors import ApiError, InvalidInputError, OverloadedError
@@ -119,6 +120,14 @@ def create_app(  # noqa: C901 - a factory of small route closures
     store = store or build_store(settings)
     metrics = ServerMetrics()
     dataplane = DataPlane(runner, store, metrics, settings.default_policy, max_groups=settings.max_groups, single_thread_below_images=settings.single_thread_below_images, forward_threads=forward_threads)  # fmt: skip
+    if compiled := settings.compiled_policy_names():
+        unknown = sorted(set(compiled) - set(POLICIES))
+        if unknown:
+            raise ValueError(f"TTASERVE_COMPILE_POLICIES names unknown policies {unknown}; known: {', '.join(sorted(POLICIES))}")  # fmt: skip
+        try:
+            runner.compile([dataplane.policy(name) for name in compiled])
+        except UnsupportedModelError as exc:
+            log.error("not compiling: %s; the model runs eager", exc)
     batcher = CrossStreamBatcher(
         dataplane.process_batch,
         max_batch_images=settings.max_batch_size,
@@ -143,7 +152,11 @@ def create_app(  # noqa: C901 - a factory of small route closures
         if not await store.ping():  # degraded mode serves anyway; say so at start-up
             log.warning("state store unreachable at start-up: answering degraded until it returns")  # fmt: skip
         batcher.start()
-        warm = torch.zeros(1, spec.channels, spec.height, spec.width)
+        # decoded zeros: the layout requests have (a compiled forward is specialized on it)
+        # (as many as the largest forward pass when compiling: `DataPlane.warm_up`)
+        rows = max(settings.max_batch_size, settings.max_images_per_request) if compiled else 1
+        blank = np.zeros((rows, spec.height, spec.width, spec.channels), np.uint8)
+        warm = images_to_tensor(blank, tuple(spec.mean), tuple(spec.std))
         for name in POLICIES:  # warm-up: first forward of each policy before readiness
             await dataplane.warm_up(name, warm)
         # The model, policies and libraries live as long as the process: move them out of

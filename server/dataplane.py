@@ -26,6 +26,7 @@ from ttaserve.adapters.moments import Segments
 from ttaserve.adapters.policy import AdaptationPolicy, BatchObservation
 from ttaserve.adapters.registry import POLICIES, build_policy
 from ttaserve.server.batcher import PredictJob
+from ttaserve.server.compiled_forward import warm_up_sizes
 from ttaserve.server.drift import DriftTracker, GroupLabels
 from ttaserve.server.errors import ApiError
 from ttaserve.server.metrics import ServerMetrics
@@ -128,18 +129,27 @@ class DataPlane:
         )
 
     async def warm_up(self, policy_name: str, x: torch.Tensor) -> None:
-        """One forward pass of a fresh `policy_name` state on `x`, in the forward thread
-        (before readiness: first-call costs are paid there, not by a request)."""
-        state = self.fresh_state(policy_name)
+        """Forward passes of fresh `policy_name` states on rows of `x` (decoded images), in
+        the forward thread, before readiness, so that first-call costs are paid here and not
+        by a request: one 1-image pass, or for a compiled policy one pass per variant the
+        compiler specializes on (`warm_up_sizes`), up to as many images as `x` has (give
+        it the largest forward pass). A compiled forward that fails here (no C++ compiler,
+        say) is dropped: the policy runs eager."""
         policy = self._policies[policy_name]
-        await asyncio.get_running_loop().run_in_executor(
-            self._executor,
-            self.runner.forward,
-            x,
-            Segments.from_sizes([len(x)]),
-            policy,
-            [state.packed],
-        )
+        loop = asyncio.get_running_loop()
+        if self.runner.compiled(policy) is not None:
+            started = time.perf_counter()
+            try:
+                for sizes in warm_up_sizes(self._single_thread_below, len(x)):
+                    states = [self.fresh_state(policy_name).packed for _ in sizes]
+                    await loop.run_in_executor(self._executor, self._compile, x[: sum(sizes)], Segments.from_sizes(list(sizes)), policy, states)  # fmt: skip
+                log.info("compiled the forward of policy %s in %.1f s", policy_name, time.perf_counter() - started)  # fmt: skip
+                return
+            except Exception:
+                log.exception("compiling the forward of policy %s failed; it runs eager", policy_name)  # fmt: skip
+                self.runner.drop_compiled(policy)
+        state = self.fresh_state(policy_name)
+        await loop.run_in_executor(self._executor, self.runner.forward, x[:1], Segments.from_sizes([1]), policy, [state.packed])  # fmt: skip
 
     # --- keys and states -------------------------------------------------------------------
     def key(self, stream_id: str) -> str:
@@ -267,8 +277,7 @@ class DataPlane:
         x = torch.cat([job.pixels for _, job in order])
         segments = Segments.from_sizes(sizes)
         started = time.perf_counter()
-        with intra_op_threads(1 if len(x) < self._single_thread_below else None):
-            result = self.runner.forward(x, segments, policy, [w.state.packed for w, _ in order])
+        result = self._forward(x, segments, policy, [w.state.packed for w, _ in order])
         self.metrics.forward_seconds.observe(time.perf_counter() - started)
         answers = self._predictions(result, sizes, [job.top_k for _, job in order])
         for r, (w, job) in enumerate(order):
@@ -282,6 +291,19 @@ class DataPlane:
         self.drift.observe_states(labels, result.states)
         for w, (new, reasons) in zip(group, self._apply(group, [w.state for w in group]), strict=True):  # fmt: skip
             w.new_state, w.reset_reasons = new, reasons
+
+    def _forward(self, x: torch.Tensor, segments: Segments, policy: AdaptationPolicy, states: list[PackedTensors]) -> ForwardResult:  # fmt: skip
+        """The runner's forward, on one intra-op thread below `single_thread_below_images`."""
+        with intra_op_threads(1 if len(x) < self._single_thread_below else None):
+            return self.runner.forward(x, segments, policy, states)
+
+    def _compile(self, x: torch.Tensor, segments: Segments, policy: AdaptationPolicy, states: list[PackedTensors]) -> ForwardResult:  # fmt: skip
+        """`_forward`, compiling with the thread count it runs on written into inductor's
+        configuration: its kernels fix their thread count at compile time, and its cache
+        would otherwise hand a graph compiled for one thread to the same graph for two."""
+        threads = 1 if len(x) < self._single_thread_below else torch.get_num_threads()
+        with torch._inductor.config.patch({"cpp.threads": threads}):
+            return self._forward(x, segments, policy, states)
 
     def _apply(self, works: list[_StreamWork], states: list[StreamState]) -> list[tuple[StreamState, list[str]]]:  # fmt: skip
         """Pure: each stream's state (`states[i]` for `works[i]`, all of one forward pass)

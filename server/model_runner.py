@@ -9,8 +9,9 @@ own weights never change.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -24,6 +25,7 @@ from ttaserve.adapters.policy import (
     StateTensors,
 )
 from ttaserve.adapters.stream_norm import NormContext, StreamNorm, active_context
+from ttaserve.server.compiled_forward import CompiledForward, functional_graph
 from ttaserve.server.model_package import LoadedModel
 from ttaserve.server.state import PackedTensors
 
@@ -72,11 +74,16 @@ def stack_states(states: Sequence[StateTensors | PackedTensors]) -> StateTensors
     return {key: torch.stack([s[key] for s in states]) for key in states[0]}
 
 
+FROZEN = "<frozen>"  # the compiled forward of the source model
+
+
 class ModelRunner:
     """The shared model with stream norms; stateless between calls."""
 
     def __init__(self, model: LoadedModel) -> None:
         self.model = model
+        # compiled forwards by policy name (FROZEN: the source model), after `compile`
+        self._compiled: dict[str, CompiledForward] = {}
         card = model.card
         calibration = card.calibration
         self.source = SourceModel(
@@ -96,6 +103,32 @@ class ModelRunner:
     @property
     def layers(self) -> list[StreamNorm]:
         return self.model.layers
+
+    def compile(self, policies: Sequence[AdaptationPolicy], backend: str | Callable[..., Any] = "inductor") -> list[str]:  # fmt: skip
+        """Use compiled forwards for `policies` from now on (`server/compiled_forward.py`);
+        the frozen source model is compiled with them (policies without per-sample
+        statistics, and gates that compare with it, run that). Gradient policies stay eager.
+        Returns the names compiled; the compilation itself happens at each forward's first
+        calls with new shapes (`DataPlane.warm_up` drives them). `backend` is torch.compile's
+        (tests trace with "aot_eager", which needs no C++ compiler). Raises
+        `UnsupportedModelError` for a model that cannot be traced."""
+        graph = functional_graph(self.model.module)
+        compiling = [p for p in policies if p.normalizes_per_sample and not p.differentiable]
+        self._compiled[FROZEN] = CompiledForward(graph, None, backend)
+        for policy in compiling:
+            self._compiled[policy.name] = CompiledForward(graph, policy, backend)
+        return [policy.name for policy in compiling]
+
+    def drop_compiled(self, policy: AdaptationPolicy) -> None:
+        """Run `policy` eager again (its compiled forward failed); the frozen model too,
+        when that is the one it ran."""
+        self._compiled.pop(policy.name if policy.normalizes_per_sample else FROZEN, None)
+
+    def compiled(self, policy: AdaptationPolicy) -> CompiledForward | None:
+        """The compiled forward that `policy` runs (None: eager)."""
+        if policy.differentiable:
+            return None
+        return self._compiled.get(policy.name if policy.normalizes_per_sample else FROZEN)
 
     def forward(
         self,
@@ -124,12 +157,19 @@ class ModelRunner:
 
         per_sample = policy.normalizes_per_sample
         ctx = NormContext(statistics=statistics if per_sample else None)
-        with mode(), active_context(ctx):
-            raw = self.model.module(x)
+        compiled = self.compiled(policy)
+        if compiled is not None:
+            with torch.inference_mode():
+                raw, ctx.features, means, variances = compiled(x, layer_state, segments)
+            ctx.moments = dict(enumerate(zip(means, variances, strict=True))) if per_sample else {}  # fmt: skip
+        else:
+            with mode(), active_context(ctx):
+                raw = self.model.module(x)
         source_logits = None
         if policy.needs_source_logits:
-            with torch.inference_mode():
-                source_logits = self.model.module(x)  # no context: the frozen source model
+            frozen = self._compiled.get(FROZEN)
+            with torch.inference_mode():  # the frozen source model
+                source_logits = frozen(x, {}, segments)[0] if frozen else self.model.module(x)
         view = BatchView(raw.detach(), _detached(ctx.features), batched, segments, self.source, source_logits)  # fmt: skip
         with torch.no_grad():
             logits = policy.correct(view)

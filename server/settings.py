@@ -41,6 +41,7 @@ class Settings(BaseSettings):
     max_queue_images: int = Field(4096, ge=1, description="queued images before 503")
     torch_threads: int = Field(0, ge=0, description="0: torch's default")
     single_thread_below_images: int = Field(32, ge=0, description="forward passes of fewer images run on one intra-op thread (0: never)")  # fmt: skip
+    compile_policies: str = Field("", description="comma-separated policies whose forward is compiled whole with torch.compile at start-up (server/compiled_forward.py; needs a C++ compiler, and a few minutes of warm-up per policy); 'source' compiles the frozen model only, which every listed policy also compiles")  # fmt: skip
     malloc_tuning: bool = Field(True, description="raise glibc's mmap/trim thresholds so that activations reuse heap memory (server/allocator.py)")  # fmt: skip
 
     # state
@@ -52,3 +53,7 @@ class Settings(BaseSettings):
     stream_ttl_seconds: float = Field(7 * 24 * 3600, gt=0)
     max_streams: int = Field(100_000, ge=1, description="in-process store LRU bound")
     max_groups: int = Field(32, ge=1, description="distinct X-Stream-Group metric labels")
+
+    def compiled_policy_names(self) -> list[str]:
+        """`compile_policies` as a list (validated against the registry at start-up)."""
+        return [name.strip() for name in self.compile_policies.split(",") if name.strip()]
