@@ -41,7 +41,8 @@ GraphOutput = tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor | None
 def warm_up_sizes(single_thread_below: int, max_images: int) -> list[tuple[int, ...]]:
     """Request sizes of the warm-up batches, which must meet every variant that dynamo
     specializes the forward on, so that no request pays for a compilation: each request
-    structure (one request; one-image requests; mixed, with varying request counts) at
+    structure (one request; one-image requests; mixed, with varying request counts and one
+    large request among small ones: policies give large requests extra per-forward rows) at
     batch sizes on both sides of every threshold known to split graphs: 1 (dynamo's 0/1
     specialization), 2 then 3 (the second size seen marks a dimension dynamic), powers of
     two (kernels choose paths by size: a CPU convolution's guard at 16 images), and the
@@ -56,6 +57,7 @@ def warm_up_sizes(single_thread_below: int, max_images: int) -> list[tuple[int, 
             sizes.append((1,) * n)
         if n >= 3:
             sizes.append((2,) + (1,) * (n - 2))
+            sizes.append((n - 1, 1))  # a large request beside others (`default`'s switch gate)
     return sizes
 
 
