@@ -1,6 +1,6 @@
 """Feasibility probe: does whole-forward compilation remove the cost of per-stream statistics?
 
-The server runs the adapted forward in eager PyTorch, where each stream-norm layer adds
+By default the server runs the adapted forward in eager PyTorch, where each stream-norm layer adds
 ~15-40 small operations (per-sample moments, mixing, normalization) at a few microseconds of
 dispatch each: `bn` runs at 0.6-0.7x the frozen model's throughput in process. This probe
 writes the `bn` policy's computation for one request as a plain function of the model's
@@ -10,8 +10,10 @@ the frozen model, eager and compiled:
 
     python -m ttaserve.bench.compile_probe --threads 1 --images 1,32
 
-It is not the serving path. `tests/unit/test_compile_probe.py` pins that its eager functions
-compute what the server computes (the frozen model; the `bn` policy on a fresh stream).
+It is not the serving path (that is `server/compiled_forward.py`, opt-in with
+TTASERVE_COMPILE_POLICIES, which traces the model and compiles each policy's own code).
+`tests/unit/test_compile_probe.py` pins that its eager functions compute what the server
+computes (the frozen model; the `bn` policy on a fresh stream).
 """
 
 from __future__ import annotations
