@@ -153,3 +153,10 @@ class CompiledForward:
 
 def _frozen(norm: StreamNorm, x: torch.Tensor) -> tuple[torch.Tensor, None, None]:
     return norm.frozen(x), None, None
+
+
+def compiled_graph_count() -> int:
+    """Graphs dynamo has compiled in this process so far (all backends)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])

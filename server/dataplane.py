@@ -26,7 +26,7 @@ from ttaserve.adapters.moments import Segments
 from ttaserve.adapters.policy import AdaptationPolicy, BatchObservation
 from ttaserve.adapters.registry import POLICIES, build_policy
 from ttaserve.server.batcher import PredictJob
-from ttaserve.server.compiled_forward import warm_up_sizes
+from ttaserve.server.compiled_forward import compiled_graph_count, warm_up_sizes
 from ttaserve.server.drift import DriftTracker, GroupLabels
 from ttaserve.server.errors import ApiError
 from ttaserve.server.metrics import ServerMetrics
@@ -276,9 +276,14 @@ class DataPlane:
         sizes = [job.size for _, job in order]
         x = torch.cat([job.pixels for _, job in order])
         segments = Segments.from_sizes(sizes)
+        compiled = self.runner.compiled(policy) is not None
+        graphs = compiled_graph_count() if compiled else 0
         started = time.perf_counter()
         result = self._forward(x, segments, policy, [w.state.packed for w, _ in order])
         self.metrics.forward_seconds.observe(time.perf_counter() - started)
+        if compiled and (new_graphs := compiled_graph_count() - graphs):
+            self.metrics.compilations.inc(new_graphs)
+            log.warning("compiled %d graph(s) for a batch of %d images in %d requests: the warm-up did not meet this variant", new_graphs, len(x), len(sizes))  # fmt: skip
         answers = self._predictions(result, sizes, [job.top_k for _, job in order])
         for r, (w, job) in enumerate(order):
             w.answers[id(job)] = answers[r]

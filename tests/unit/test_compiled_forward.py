@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 import torch
+from prometheus_client import CollectorRegistry
 from torch import nn
 
 from ttaserve.adapters.moments import Segments
@@ -100,6 +101,32 @@ def test_after_warm_up_no_request_shape_recompiles(random_model):
                 got = dataplane._executor.submit(dataplane._forward, x, segments, policy, states).result()  # fmt: skip
                 with torch.inference_mode():
                     _assert_same(got, reference.forward(x, segments, policy, states))
+    finally:
+        dataplane.close()
+
+
+def test_a_batch_the_warm_up_did_not_meet_is_compiled_and_counted(random_model):
+    """Without a warm-up the first batch compiles while serving: answered, and counted in
+    `ttaserve_forward_compilations_total` (a stall operators should see); the same shape
+    again compiles nothing."""
+    runner = ModelRunner(random_model)
+    runner.compile([build_policy("bn")], backend="aot_eager")
+    registry = CollectorRegistry()
+    dataplane = DataPlane(runner, InMemoryStateStore(), ServerMetrics(registry), "bn")
+
+    def compilations() -> float:
+        return registry.get_sample_value("ttaserve_forward_compilations_total") or 0.0
+
+    async def batch(stream: str) -> None:
+        job = PredictJob(stream, None, _batch([2]))
+        await dataplane.process_batch([job])
+        assert len((await job.future).predictions) == 2
+
+    try:
+        asyncio.run(batch("a"))
+        first = compilations()
+        asyncio.run(batch("b"))
+        assert first >= 1 and compilations() == first
     finally:
         dataplane.close()
 
