@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -25,9 +26,6 @@ class Segments:
     singletons: bool = field(init=False)
     membership: torch.Tensor = field(init=False, repr=False)  # (R, N): 1 where i is in r
     divisors: torch.Tensor = field(init=False, repr=False)  # (R, 1) sizes, at least 1
-    # where each segment starts, and the end: segment r is rows offsets[r]:offsets[r + 1]
-    # (segments of consecutive samples, as `from_sizes` makes them)
-    offsets: tuple[int, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         n, count = len(self.index), len(self.sizes)
@@ -37,7 +35,6 @@ class Segments:
         object.__setattr__(self, "singletons", singletons)
         object.__setattr__(self, "membership", membership)
         object.__setattr__(self, "divisors", self.sizes.clamp(min=1).unsqueeze(1))
-        object.__setattr__(self, "offsets", (0, *torch.cumsum(self.sizes, 0).long().tolist()))
 
     @classmethod
     def from_sizes(cls, sizes: list[int]) -> Segments:
@@ -57,6 +54,13 @@ class Segments:
         same values bit for bit here, so that it needs no variant of its own for batches
         of one-image requests."""
         return not torch.compiler.is_compiling() and self.singletons
+
+    @cached_property
+    def offsets(self) -> list[int]:
+        """Where each segment starts, and the end: segment r is rows offsets[r]:offsets[r + 1]
+        (segments of consecutive samples, as `from_sizes` makes them). Read by the state
+        updates, never by the forward: computed when first asked for."""
+        return [0, *torch.cumsum(self.sizes, 0).long().tolist()]
 
     def per_sample(self, rows: torch.Tensor) -> torch.Tensor:
         """Per-request rows (R, ...) gathered per sample (N, ...); the rows themselves when

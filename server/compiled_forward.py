@@ -11,12 +11,13 @@ the forward receives as an argument. So the statistics need no context variable,
 graph returns the per-sample moments and the classifier's input with the logits. One
 `CompiledForward` per policy closes over the policy (its Python branches are constants)
 and takes the stacked state dict and the batch's `Segments` as inputs; dynamo recompiles
-when their shapes first vary (1 image, one request of many, many one-image requests,
-mixed requests) and treats the sizes as dynamic after that, so `warm_up` compiles every
-variant before the server is ready and no request pays for a compilation.
+when their shapes first vary (`warm_up_sizes` lists the variants) and treats the sizes as
+dynamic after that, so `DataPlane.warm_up` compiles every variant before the server is
+ready and no request pays for a compilation.
 
-Inductor on CPU compiles C++ at run time: it needs a C++ compiler (the Docker image
-installs g++). Any failure to trace or compile leaves the eager forward in place.
+Inductor on CPU compiles C++ at run time: it needs a C++ compiler (the Docker image has
+one when built with WITH_CXX=1). Any failure to trace or compile leaves the eager forward
+in place.
 """
 
 from __future__ import annotations
@@ -145,10 +146,6 @@ class CompiledForward:
 
     def __call__(self, x: torch.Tensor, state: StateTensors, segments: Segments) -> GraphOutput:
         return self._compiled(x, state, segments)
-
-    def eager(self, x: torch.Tensor, state: StateTensors, segments: Segments) -> GraphOutput:
-        """The same computation, not compiled (what tests compare with)."""
-        return self._forward(x, state, segments)
 
 
 def _frozen(norm: StreamNorm, x: torch.Tensor) -> tuple[torch.Tensor, None, None]:

@@ -26,7 +26,7 @@ from ttaserve.adapters.moments import Segments
 from ttaserve.adapters.policy import AdaptationPolicy, BatchObservation
 from ttaserve.adapters.registry import POLICIES, build_policy
 from ttaserve.server.batcher import PredictJob
-from ttaserve.server.compiled_forward import compiled_graph_count, warm_up_sizes
+from ttaserve.server.compiled_forward import CompiledForward, compiled_graph_count, warm_up_sizes
 from ttaserve.server.drift import DriftTracker, GroupLabels
 from ttaserve.server.errors import ApiError
 from ttaserve.server.metrics import ServerMetrics
@@ -114,6 +114,7 @@ class DataPlane:
         # That was measured while other threads' OpenMP teams throttled the forward thread
         # (see `create_app`); A/B probes since then are within this machine's noise.
         self._single_thread_below = single_thread_below_images
+        self._warmed: set[CompiledForward] = set()  # compiled forwards `warm_up` has run through
         self._model_name = runner.model.card.name
         self._fingerprint = runner.model.card.fingerprint
         self.groups = GroupLabels(max_groups)
@@ -133,17 +134,20 @@ class DataPlane:
         the forward thread, before readiness, so that first-call costs are paid here and not
         by a request: one 1-image pass, or for a compiled policy one pass per variant the
         compiler specializes on (`warm_up_sizes`), up to as many images as `x` has (give
-        it the largest forward pass). A compiled forward that fails here (no C++ compiler,
-        say) is dropped: the policy runs eager."""
+        it the largest forward pass; a compiled forward that several policies run, the
+        frozen model's, once). A compiled forward that fails here (no C++ compiler, say)
+        is dropped: the policy runs eager."""
         policy = self._policies[policy_name]
         loop = asyncio.get_running_loop()
-        if self.runner.compiled(policy) is not None:
+        compiled = self.runner.compiled(policy)
+        if compiled is not None and compiled not in self._warmed:  # the frozen one serves several
             started = time.perf_counter()
             try:
                 for sizes in warm_up_sizes(self._single_thread_below, len(x)):
                     states = [self.fresh_state(policy_name).packed for _ in sizes]
                     await loop.run_in_executor(self._executor, self._compile, x[: sum(sizes)], Segments.from_sizes(list(sizes)), policy, states)  # fmt: skip
                 log.info("compiled the forward of policy %s in %.1f s", policy_name, time.perf_counter() - started)  # fmt: skip
+                self._warmed.add(compiled)
                 return
             except Exception:
                 log.exception("compiling the forward of policy %s failed; it runs eager", policy_name)  # fmt: skip
@@ -304,8 +308,8 @@ class DataPlane:
 
     def _compile(self, x: torch.Tensor, segments: Segments, policy: AdaptationPolicy, states: list[PackedTensors]) -> ForwardResult:  # fmt: skip
         """`_forward`, compiling with the thread count it runs on written into inductor's
-        configuration: its kernels fix their thread count at compile time, and its cache
-        would otherwise hand a graph compiled for one thread to the same graph for two."""
+        configuration: its kernels fix their thread count at compile time, and the setting
+        is part of its cache key, so graphs for one and for two threads stay apart."""
         threads = 1 if len(x) < self._single_thread_below else torch.get_num_threads()
         with torch._inductor.config.patch({"cpp.threads": threads}):
             return self._forward(x, segments, policy, states)

@@ -122,13 +122,13 @@ class ModelRunner:
     def drop_compiled(self, policy: AdaptationPolicy) -> None:
         """Run `policy` eager again (its compiled forward failed); the frozen model too,
         when that is the one it ran."""
-        self._compiled.pop(policy.name if policy.normalizes_per_sample else FROZEN, None)
+        self._compiled.pop(_compiled_key(policy), None)
 
     def compiled(self, policy: AdaptationPolicy) -> CompiledForward | None:
         """The compiled forward that `policy` runs (None: eager)."""
         if policy.differentiable:
             return None
-        return self._compiled.get(policy.name if policy.normalizes_per_sample else FROZEN)
+        return self._compiled.get(_compiled_key(policy))
 
     def forward(
         self,
@@ -192,6 +192,11 @@ class ModelRunner:
             grads=grads,
             states={k: v.detach() for k, v in batched.items()} if trainable else batched,
         )
+
+
+def _compiled_key(policy: AdaptationPolicy) -> str:
+    """The compiled forward a policy runs: its own, or the frozen model's."""
+    return policy.name if policy.normalizes_per_sample else FROZEN
 
 
 def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
