@@ -52,7 +52,8 @@ import numpy as np
 from ttaserve.clients.local_redis import find_redis_server, redis_ping  # noqa: F401
 
 REQUEST_TIMEOUT_S = 300.0
-READY_TIMEOUT_S = 900.0  # a compiling server (--compile) warms up for minutes
+READY_TIMEOUT_S = 240.0
+COMPILE_READY_TIMEOUT_S = 900.0  # a compiling server (--compile) warms up for minutes
 DEFAULT_CONCURRENCIES = (1, 8, 64, 256)
 DEFAULT_SIZES = (1, 32)
 REFERENCE_CONCURRENCY = 64  # where the batching targets are checked
@@ -204,12 +205,12 @@ def serving(cfg: ServeConfig, opts: argparse.Namespace, logs: Path) -> Iterator[
         server = Process(argv, logs / f"{cfg.name}.log", server_env(cfg, opts, redis_url))
         stack.callback(server.stop)
         url = f"http://127.0.0.1:{port}"
-        wait_ready(url, server)
+        wait_ready(url, server, COMPILE_READY_TIMEOUT_S if opts.compile and not cfg.baseline else READY_TIMEOUT_S)  # fmt: skip
         yield {"url": url, "server": server, "redis": redis}
 
 
-def wait_ready(url: str, server: Process) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
+def wait_ready(url: str, server: Process, timeout_s: float = READY_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
     while True:
         with contextlib.suppress(httpx.TransportError):
             if httpx.get(f"{url}/v2/health/ready", timeout=5).status_code == 200:
