@@ -19,8 +19,10 @@ Per configuration it also measures state bytes per stream (`state_bytes` of
 GET /v1/streams/{id}) and server memory per stream (RSS growth while K new streams are
 created after a warm-up). All configurations' servers run from the start and each workload
 is driven against them back to back, so that the ratios the targets compare are measured
-seconds apart. The issue's targets are printed with PASS/FAIL. Results go to `serve.json`
-and `serve.md` under --out.
+seconds apart; the whole schedule runs --rounds times, and a target takes the median over
+rounds of the ratio measured within each round (one noisy window no longer decides it;
+the range over rounds is reported beside it). The issue's targets are printed with
+PASS/FAIL. Results go to `serve.json` and `serve.md` under --out.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import shutil
 import signal
 import socket
 import ssl
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -97,8 +100,8 @@ CONFIGS = {
 }
 FORWARD_ONLY = ("bn", "default")
 QUICK_CONFIGS = ("source", "bn")
-FULL_DEFAULTS = {"duration_s": 10.0, "warmup_s": 2.0, "memory_streams": 512}
-QUICK_DEFAULTS = {"duration_s": 0.6, "warmup_s": 0.2, "memory_streams": 32}
+FULL_DEFAULTS = {"duration_s": 10.0, "warmup_s": 2.0, "memory_streams": 512, "rounds": 3}
+QUICK_DEFAULTS = {"duration_s": 0.6, "warmup_s": 0.2, "memory_streams": 32, "rounds": 1}
 
 
 # --- processes: servers and redis on loopback ----------------------------------------------
@@ -503,7 +506,7 @@ async def memory_probe(url: str, procs: dict[str, Any], body: Body, count: int) 
 
 def _print_phase(name: str, phase: dict[str, Any]) -> None:
     print(
-        f"  {name:16s} streams={phase['streams']:<4d} images={phase['images_per_request']:<3d} "
+        f"  r{phase['round']} {name:16s} streams={phase['streams']:<4d} images={phase['images_per_request']:<3d} "
         f"{phase['images_per_s']:9.1f} img/s  p50 {_fmt(phase['p50_ms'])} ms  "
         f"batch {_fmt(phase['mean_batch_images'])}  bound: {phase['bound']}",
         flush=True,
@@ -516,7 +519,8 @@ async def run_interleaved(
     """Every configuration's server runs from the start; each workload is driven against
     all of them back to back (the order alternating from one workload to the next), so that
     a ratio between configurations compares runs seconds apart, not minutes: slow drift of
-    a shared machine's speed no longer biases one configuration."""
+    a shared machine's speed no longer biases one configuration. The whole schedule runs
+    `opts.rounds` times; each phase records its round."""
     results: dict[str, Any] = {}
     for name, p in procs.items():
         cfg = CONFIGS[name]
@@ -532,12 +536,14 @@ async def run_interleaved(
     ]
     if "bn" in procs and opts.reference_batch:  # one stream sending large batches
         schedule.append((["bn"], 1, opts.reference_batch))
-    for order, streams, images in schedule:
-        for name in order:
-            url, pid = procs[name]["url"], procs[name]["server"].pid
-            phase = await run_phase(url, pid, Phase(name, streams, images), bodies[images], opts)
-            results[name]["phases"].append(phase)
-            _print_phase(name, phase)
+    for round_ in range(opts.rounds):
+        for order, streams, images in schedule:
+            for name in order if round_ % 2 == 0 else order[::-1]:
+                url, pid = procs[name]["url"], procs[name]["server"].pid
+                phase = await run_phase(url, pid, Phase(name, streams, images), bodies[images], opts)  # fmt: skip
+                phase["round"] = round_
+                results[name]["phases"].append(phase)
+                _print_phase(name, phase)
     for name, p in procs.items():
         results[name]["server_peak_rss_bytes"] = peak_rss_bytes(p["server"].pid)
     return results
@@ -552,13 +558,49 @@ def peak_rss_bytes(pid: int) -> int:
 
 
 # --- targets --------------------------------------------------------------------------------
-def find_phase(
+def find_phases(
     results: dict[str, Any], config: str, streams: int, images: int
-) -> dict[str, Any] | None:
-    for phase in results.get(config, {}).get("phases", []):
-        if phase["streams"] == streams and phase["images_per_request"] == images:
-            return phase
-    return None
+) -> dict[int, dict[str, Any]]:
+    """The config's phases of one workload, by round."""
+    return {
+        p.get("round", 0): p
+        for p in results.get(config, {}).get("phases", [])
+        if p["streams"] == streams and p["images_per_request"] == images
+    }
+
+
+def median_phase(results: dict[str, Any], config: str, streams: int, images: int) -> dict[str, Any] | None:  # fmt: skip
+    """The round whose throughput is the median (the lower one of an even count)."""
+    phases = sorted(find_phases(results, config, streams, images).values(), key=lambda p: p["images_per_s"])  # fmt: skip
+    return phases[(len(phases) - 1) // 2] if phases else None
+
+
+@dataclass(frozen=True)
+class PairedRatio:
+    """A ratio measured within each round (numerator and denominator seconds apart)."""
+
+    rounds: tuple[float, ...]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.rounds)
+
+    def __str__(self) -> str:
+        if len(self.rounds) == 1:
+            return f"{self.rounds[0]:.2f}"
+        return f"{self.median:.2f} ({min(self.rounds):.2f}-{max(self.rounds):.2f})"
+
+
+def paired_ratio(
+    numerator: dict[int, dict[str, Any]], denominator: dict[int, dict[str, Any]], key: str
+) -> PairedRatio | None:
+    """Per round, numerator[key] / denominator[key]; None without a round that has both."""
+    ratios = tuple(
+        numerator[r][key] / denominator[r][key]
+        for r in sorted(numerator.keys() & denominator.keys())
+        if numerator[r][key] and denominator[r][key]
+    )
+    return PairedRatio(ratios) if ratios else None
 
 
 def _target(name: str, passed: bool | None, detail: str) -> dict[str, Any]:
@@ -569,6 +611,9 @@ def _target(name: str, passed: bool | None, detail: str) -> dict[str, Any]:
     }
 
 
+RATIO_NOTE = "median over rounds of the ratio within each round (range)"
+
+
 def target_forward_only(results: dict[str, Any], opts: argparse.Namespace) -> list[dict[str, Any]]:
     out = []
     for name in FORWARD_ONLY:
@@ -576,58 +621,68 @@ def target_forward_only(results: dict[str, Any], opts: argparse.Namespace) -> li
         if name not in results or "source" not in results:
             out.append(_target(label, None, f"needs configs {name} and source"))
             continue
-        ratios = []
+        cells = []
         for c in opts.concurrencies:
             for n in opts.sizes:
-                a, s = find_phase(results, name, c, n), find_phase(results, "source", c, n)
-                if a and s and s["images_per_s"] > 0:
-                    ratios.append((a["images_per_s"] / s["images_per_s"], c, n))
-        worst = min(ratios, default=None)
+                ratio = paired_ratio(find_phases(results, name, c, n), find_phases(results, "source", c, n), "images_per_s")  # fmt: skip
+                if ratio is not None:
+                    cells.append((ratio, c, n))
+        if not cells:
+            out.append(_target(label, None, "no data"))
+            continue
+        worst = min(cells, key=lambda cell: cell[0].median)
+        lowest = min(min(r.rounds) for r, _, _ in cells)
         detail = (
-            "no data"
-            if worst is None
-            else f"worst {worst[0]:.2f}x at {worst[1]} streams x {worst[2]} images; "
-            + ", ".join(f"{r:.2f}" for r, _, _ in ratios)
+            f"worst {worst[0].median:.2f}x at {worst[1]} streams x {worst[2]} images; "
+            + ", ".join(f"{c}x{n} {r}" for r, c, n in cells)
+            + f" ({RATIO_NOTE}; lowest single round {lowest:.2f})"
         )
-        out.append(_target(label, None if worst is None else worst[0] >= 0.9, detail))
+        out.append(_target(label, worst[0].median >= 0.9, detail))
     return out
 
 
 def target_batching(
     results: dict[str, Any], opts: argparse.Namespace, ref: int
 ) -> list[dict[str, Any]]:
-    at = find_phase(results, "bn", ref, 1)
-    big = find_phase(results, "bn", 1, opts.reference_batch) if opts.reference_batch else None
-    unbatched = find_phase(results, "bn_unbatched", ref, 1)
+    at = find_phases(results, "bn", ref, 1)
+    big = find_phases(results, "bn", 1, opts.reference_batch) if opts.reference_batch else {}
+    unbatched = find_phases(results, "bn_unbatched", ref, 1)
     out = []
-    batch = at and at["mean_batch_images"]
+    batches = [p["mean_batch_images"] for p in at.values() if p["mean_batch_images"]]
+    batch = statistics.median(batches) if batches else None
     out.append(
         _target(
             f"mean forward batch >= 16 at {ref} single-image streams (bn)",
             None if not batch else batch >= 16,
-            f"{batch:.1f} images" if batch else "needs config bn",
+            f"{batch:.1f} images (median over rounds: {', '.join(f'{b:.1f}' for b in batches)})"
+            if batch
+            else "needs config bn",
         )
     )
     label = f"model time per image at {ref} streams within 1.25x of 1 stream x {opts.reference_batch} (bn)"
-    if at and big and at["forward_ms_per_image"] and big["forward_ms_per_image"]:
-        ratio = at["forward_ms_per_image"] / big["forward_ms_per_image"]
+    ratio = paired_ratio(at, big, "forward_ms_per_image")
+    if ratio is not None:
+        ms = [p["forward_ms_per_image"] for p in at.values()]
+        ref_ms = [p["forward_ms_per_image"] for p in big.values()]
         out.append(
             _target(
                 label,
-                ratio <= 1.25,
-                f"{at['forward_ms_per_image']:.3f} vs {big['forward_ms_per_image']:.3f} ms/image = {ratio:.2f}x",
+                ratio.median <= 1.25,
+                f"{statistics.median(ms):.3f} vs {statistics.median(ref_ms):.3f} ms/image; ratio {ratio}x ({RATIO_NOTE})",
             )
         )
     else:
         out.append(_target(label, None, "needs config bn (and --reference-batch > 0)"))
     label = f"throughput at {ref} single-image streams >= 1.5x unbatched (bn vs bn_unbatched)"
-    if at and unbatched and unbatched["images_per_s"] > 0:
-        ratio = at["images_per_s"] / unbatched["images_per_s"]
+    ratio = paired_ratio(at, unbatched, "images_per_s")
+    if ratio is not None:
+        ours = statistics.median(p["images_per_s"] for p in at.values())
+        theirs = statistics.median(p["images_per_s"] for p in unbatched.values())
         out.append(
             _target(
                 label,
-                ratio >= 1.5,
-                f"{at['images_per_s']:.0f} vs {unbatched['images_per_s']:.0f} images/s = {ratio:.2f}x",
+                ratio.median >= 1.5,
+                f"{ours:.0f} vs {theirs:.0f} images/s; ratio {ratio}x ({RATIO_NOTE})",
             )
         )
     else:
@@ -674,13 +729,13 @@ def target_redis(
     label = f"Redis store throughput >= 0.8x in-process at {ref} streams (bn_redis vs bn)"
     ratios = []
     for n in opts.sizes:
-        r, m = find_phase(results, "bn_redis", ref, n), find_phase(results, "bn", ref, n)
-        if r and m and m["images_per_s"] > 0:
-            ratios.append((r["images_per_s"] / m["images_per_s"], n))
+        ratio = paired_ratio(find_phases(results, "bn_redis", ref, n), find_phases(results, "bn", ref, n), "images_per_s")  # fmt: skip
+        if ratio is not None:
+            ratios.append((ratio, n))
     if not ratios:
         return [_target(label, None, "needs configs bn and bn_redis")]
-    detail = ", ".join(f"{r:.2f}x ({n} images/request)" for r, n in ratios)
-    return [_target(label, min(r for r, _ in ratios) >= 0.8, detail)]
+    detail = ", ".join(f"{r}x ({n} images/request)" for r, n in ratios) + f" ({RATIO_NOTE})"
+    return [_target(label, min(r.median for r, _ in ratios) >= 0.8, detail)]
 
 
 def evaluate_targets(
@@ -709,12 +764,27 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
+def median_phases(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per configuration and workload, in schedule order, the round of median throughput,
+    with every round's throughput under `images_per_s_rounds`."""
+    out = []
+    for name, r in results.items():
+        workloads = dict.fromkeys((p["streams"], p["images_per_request"]) for p in r["phases"])
+        for streams, images in workloads:
+            phase = median_phase(results, name, streams, images)
+            rounds = find_phases(results, name, streams, images)
+            assert phase is not None
+            out.append(phase | {"images_per_s_rounds": [rounds[k]["images_per_s"] for k in sorted(rounds)]})  # fmt: skip
+    return out
+
+
 def phase_table(results: dict[str, Any]) -> str:
     header = [
         "config",
         "streams",
         "img/req",
         "img/s",
+        "img/s by round",
         "req/s",
         "model img/s",
         "p50 ms",
@@ -735,6 +805,7 @@ def phase_table(results: dict[str, Any]) -> str:
             str(p["streams"]),
             str(p["images_per_request"]),
             _fmt(p["images_per_s"]),
+            " / ".join(_fmt(v) for v in p["images_per_s_rounds"]),
             _fmt(p["requests_per_s"]),
             _fmt(p["model_images_per_s"]),
             _fmt(p["p50_ms"]),
@@ -749,8 +820,7 @@ def phase_table(results: dict[str, Any]) -> str:
             str(p["errors"]),
             p["bound"],
         ]
-        for r in results.values()
-        for p in r["phases"]
+        for p in median_phases(results)
     ]
     return table(header, rows)
 
@@ -784,9 +854,11 @@ def memory_table(results: dict[str, Any]) -> str:
 
 
 def bound_note(results: dict[str, Any]) -> str:
-    phases = [p for r in results.values() for p in r["phases"]]
+    phases = median_phases(results)
     http = [p for p in phases if p["bound"] == "http/decode"]
     lines = [
+        "One row per configuration and workload: the round of median throughput (`img/s by "
+        "round` lists every round). "
         "`img/s` counts images of requests answered inside the window (end to end); `model img/s` "
         "the images the model forwarded in it (server-side cross-check). `fwd busy` is the model's forward time over the wall time (the forward thread's busy share); "
         "`server CPU` / `client CPU` are cores used. `bound`: model (busy >= 70%), http/decode "
@@ -812,7 +884,8 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{setup['cpu_count']} CPUs (load {setup['load_average']}), torch threads {setup['torch_threads'] or 'default'}, "
                 f"max batch {setup['max_batch_size']}, batch wait {setup['max_batch_wait_ms']} ms, "
                 f"{'compiled forwards (--compile)' if setup.get('compiled') else 'eager forwards'}, "
-                f"warm-up {setup['warmup_s']} s + window {setup['duration_s']} s per workload.",
+                f"warm-up {setup['warmup_s']} s + window {setup['duration_s']} s per workload, "
+                f"{setup.get('rounds', 1)} round(s) of the whole schedule.",
                 "## Targets",
                 table(
                     ["target", "result", "detail"],
@@ -849,6 +922,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--warmup-s", type=float, help="unmeasured warm-up per workload (default 2; quick 0.2)"
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        help="times the whole schedule runs; targets take the median over rounds (default 3; quick 1)",  # fmt: skip
     )
     p.add_argument(
         "--max-requests",
@@ -901,6 +979,8 @@ def resolve_options(argv: list[str]) -> argparse.Namespace:
     for key, value in defaults.items():
         if getattr(opts, key) is None:
             setattr(opts, key, value)
+    if opts.rounds < 1:
+        parser.error("--rounds must be at least 1")
     names = (opts.configs or ",".join(CONFIGS)).split(",")
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
@@ -952,6 +1032,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_batch_wait_ms": opts.max_batch_wait_ms,
         "duration_s": opts.duration_s,
         "warmup_s": opts.warmup_s,
+        "rounds": opts.rounds,
         "concurrencies": opts.concurrencies,
         "sizes": opts.sizes,
         "configs": opts.configs,

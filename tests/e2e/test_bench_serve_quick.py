@@ -86,3 +86,28 @@ def test_targets_pass_and_fail_from_figures() -> None:
     status = [t["status"] for t in evaluate_targets(results, opts, bn_statistics_bytes=500)]
     # bn, default(skip), batch, model time, unbatched, state bytes, memory, redis (0.7x)
     assert status == ["PASS", "SKIP", "PASS", "PASS", "PASS", "PASS", "PASS", "FAIL"]
+
+
+def test_targets_take_the_median_of_ratios_paired_within_rounds() -> None:
+    """Three rounds: one noisy round neither fails nor passes a target on its own; each
+    ratio pairs phases of the same round."""
+    opts = argparse.Namespace(concurrencies=[1], sizes=[1], reference_batch=0)
+
+    def rounds(config: str, speeds: list[float]) -> list[dict]:
+        return [_phase(config, 1, 1, images_per_s=v) | {"round": r} for r, v in enumerate(speeds)]
+
+    # source drifts from round to round; bn keeps 0.95x of it except in round 1 (0.5x)
+    source = [100.0, 200.0, 50.0]
+    results = {
+        "source": {"phases": rounds("source", source)},
+        "bn": {"phases": rounds("bn", [95.0, 100.0, 47.5])},
+        "default": {"phases": rounds("default", [85.0, 190.0, 42.5])},  # 0.85, 0.95, 0.85
+    }
+    bn, default = evaluate_targets(results, opts, bn_statistics_bytes=500)[:2]
+    assert bn["status"] == "PASS" and "0.95 (0.50-0.95)" in bn["detail"]
+    assert "lowest single round 0.50" in bn["detail"]
+    assert default["status"] == "FAIL" and "0.85 (0.85-0.95)" in default["detail"]
+    # a round measured on one side only is not paired: bn's round 0 alone
+    results["bn"]["phases"] = results["bn"]["phases"][:1]
+    bn = evaluate_targets(results, opts, 500)[0]
+    assert bn["status"] == "PASS" and "lowest single round 0.95" in bn["detail"]
