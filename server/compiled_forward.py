@@ -15,6 +15,11 @@ when their shapes first vary (`warm_up_sizes` lists the variants) and treats the
 dynamic after that, so `DataPlane.warm_up` compiles every variant before the server is
 ready and no request pays for a compilation.
 
+Once warmed up, a compiled forward is *sealed* (`seal`): a batch variant the warm-up did
+not compile runs eager (dynamo's "eager_on_recompile" stance; the same values, slower)
+instead of stalling the forward thread for the seconds to a minute a compilation takes,
+and `eager_runs` counts it.
+
 Inductor on CPU compiles C++ at run time: it needs a C++ compiler (the Docker image has
 one when built with WITH_CXX=1). Any failure to trace or compile leaves the eager forward
 in place.
@@ -22,7 +27,9 @@ in place.
 
 from __future__ import annotations
 
+import itertools
 import operator
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -63,6 +70,7 @@ def warm_up_sizes(single_thread_below: int, max_images: int) -> list[tuple[int, 
 
 
 RECOMPILE_LIMIT = 64  # variants per compiled forward (`warm_up_sizes` meets ~15-25)
+_instances = itertools.count()  # names each compiled forward's code apart
 
 
 class UnsupportedModelError(RuntimeError):
@@ -127,11 +135,21 @@ class CompiledForward:
     def __init__(self, graph: fx.GraphModule, policy: AdaptationPolicy | None, backend: str | Callable[..., Any] = "inductor") -> None:  # fmt: skip
         self.graph = graph
         self.policy = policy
-        # One graph or an error (a policy that breaks the graph runs eager); each instance
-        # keeps its own variants (shapes x thread counts), not shared through `_forward`.
-        self._compiled = torch.compile(self._forward, backend=backend, fullgraph=True, isolate_recompiles=True, recompile_limit=RECOMPILE_LIMIT)  # fmt: skip
+        self.sealed = False  # after warm-up: variants not compiled run eager (see `seal`)
+        self.eager_runs = 0  # calls that ran eager since then (not compiled at warm-up)
+        # One graph or an error (a policy that breaks the graph runs eager). Each instance
+        # compiles its own copy of `_forward`'s code, under a name of its own: dynamo keeps
+        # compiled variants per code object and the shape history that marks dimensions
+        # dynamic per code name, and shared between policies, one policy's warm-up changed
+        # the guards of another's graphs (with `bn` compiled beside it, `default` missed
+        # its warmed-up graphs on stored states: a recompilation, or eager once sealed).
+        name = f"_forward_{policy.name if policy else 'frozen'}_{next(_instances)}"
+        forward = types.MethodType(_own_code(CompiledForward._forward, name), self)
+        self._compiled = torch.compile(forward, backend=backend, fullgraph=True, isolate_recompiles=True, recompile_limit=RECOMPILE_LIMIT)  # fmt: skip
 
     def _forward(self, x: torch.Tensor, state: StateTensors, segments: Segments) -> GraphOutput:
+        if not torch.compiler.is_compiling():  # dynamo runs this body only when not compiled
+            self.eager_runs += 1
         policy = self.policy
         if policy is None:
             return self.graph(x, _frozen)
@@ -144,8 +162,21 @@ class CompiledForward:
 
         return self.graph(x, normalize)
 
+    def seal(self) -> None:
+        """From now on never compile: a call that no compiled variant fits runs eager."""
+        self.sealed, self.eager_runs = True, 0
+
     def __call__(self, x: torch.Tensor, state: StateTensors, segments: Segments) -> GraphOutput:
-        return self._compiled(x, state, segments)
+        if not self.sealed:
+            return self._compiled(x, state, segments)
+        with torch.compiler.set_stance("eager_on_recompile"):
+            return self._compiled(x, state, segments)
+
+
+def _own_code(function: types.FunctionType, name: str) -> types.FunctionType:
+    """`function` with a code object of its own (named `name`)."""
+    code = function.__code__.replace(co_name=name, co_qualname=name)
+    return types.FunctionType(code, function.__globals__, name, function.__defaults__, function.__closure__)  # fmt: skip
 
 
 def _frozen(norm: StreamNorm, x: torch.Tensor) -> tuple[torch.Tensor, None, None]:

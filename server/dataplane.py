@@ -115,6 +115,7 @@ class DataPlane:
         # (see `create_app`); A/B probes since then are within this machine's noise.
         self._single_thread_below = single_thread_below_images
         self._warmed: set[CompiledForward] = set()  # compiled forwards `warm_up` has run through
+        self._uncompiled: set[tuple[int, int]] = set()  # (images, requests) logged as run eager
         self._model_name = runner.model.card.name
         self._fingerprint = runner.model.card.fingerprint
         self.groups = GroupLabels(max_groups)
@@ -147,6 +148,7 @@ class DataPlane:
                     states = [self.fresh_state(policy_name).packed for _ in sizes]
                     await loop.run_in_executor(self._executor, self._compile, x[: sum(sizes)], Segments.from_sizes(list(sizes)), policy, states)  # fmt: skip
                 log.info("compiled the forward of policy %s in %.1f s", policy_name, time.perf_counter() - started)  # fmt: skip
+                compiled.seal()  # from now on a variant not compiled here runs eager, no stall
                 self._warmed.add(compiled)
                 return
             except Exception:
@@ -282,12 +284,12 @@ class DataPlane:
         segments = Segments.from_sizes(sizes)
         compiled = self.runner.compiled(policy) is not None
         graphs = compiled_graph_count() if compiled else 0
+        eager = self.runner.eager_fallbacks() if compiled else 0
         started = time.perf_counter()
         result = self._forward(x, segments, policy, [w.state.packed for w, _ in order])
         self.metrics.forward_seconds.observe(time.perf_counter() - started)
-        if compiled and (new_graphs := compiled_graph_count() - graphs):
-            self.metrics.compilations.inc(new_graphs)
-            log.warning("compiled %d graph(s) for a batch of %d images in %d requests: the warm-up did not meet this variant", new_graphs, len(x), len(sizes))  # fmt: skip
+        if compiled:
+            self._note_uncompiled(compiled_graph_count() - graphs, self.runner.eager_fallbacks() - eager, len(x), len(sizes))  # fmt: skip
         answers = self._predictions(result, sizes, [job.top_k for _, job in order])
         for r, (w, job) in enumerate(order):
             w.answers[id(job)] = answers[r]
@@ -300,6 +302,19 @@ class DataPlane:
         self.drift.observe_states(labels, result.states)
         for w, (new, reasons) in zip(group, self._apply(group, [w.state for w in group]), strict=True):  # fmt: skip
             w.new_state, w.reset_reasons = new, reasons
+
+    def _note_uncompiled(self, new_graphs: int, eager_runs: int, images: int, requests: int) -> None:  # fmt: skip
+        """Count and log a batch variant the warm-up did not compile: compiled on the spot
+        (a forward not sealed: the thread stalled) or run eager (sealed: slower)."""
+        if new_graphs:
+            self.metrics.compilations.inc(new_graphs)
+            log.warning("compiled %d graph(s) for a batch of %d images in %d requests: the warm-up did not meet this variant", new_graphs, images, requests)  # fmt: skip
+        if eager_runs:
+            self.metrics.eager_fallbacks.inc(eager_runs)
+            variant = (images, requests)
+            if variant not in self._uncompiled and len(self._uncompiled) < 64:  # once each
+                self._uncompiled.add(variant)
+                log.warning("a batch of %d images in %d requests ran eager: the warm-up did not compile this variant", images, requests)  # fmt: skip
 
     def _forward(self, x: torch.Tensor, segments: Segments, policy: AdaptationPolicy, states: list[PackedTensors]) -> ForwardResult:  # fmt: skip
         """The runner's forward, on one intra-op thread below `single_thread_below_images`."""

@@ -124,6 +124,10 @@ class ModelRunner:
         when that is the one it ran."""
         self._compiled.pop(_compiled_key(policy), None)
 
+    def eager_fallbacks(self) -> int:
+        """Calls of sealed compiled forwards that ran eager (no compiled variant fitted)."""
+        return sum(c.eager_runs for c in self._compiled.values() if c.sealed)
+
     def compiled(self, policy: AdaptationPolicy) -> CompiledForward | None:
         """The compiled forward that `policy` runs (None: eager)."""
         if policy.differentiable:

@@ -15,7 +15,11 @@ from torch import nn
 from ttaserve.adapters.moments import Segments
 from ttaserve.adapters.registry import POLICIES, build_policy
 from ttaserve.server.batcher import PredictJob
-from ttaserve.server.compiled_forward import UnsupportedModelError, functional_graph
+from ttaserve.server.compiled_forward import (
+    UnsupportedModelError,
+    compiled_graph_count,
+    functional_graph,
+)
 from ttaserve.server.dataplane import DataPlane
 from ttaserve.server.metrics import ServerMetrics
 from ttaserve.server.model_runner import ForwardResult, ModelRunner
@@ -127,6 +131,81 @@ def test_a_batch_the_warm_up_did_not_meet_is_compiled_and_counted(random_model):
         first = compilations()
         asyncio.run(batch("b"))
         assert first >= 1 and compilations() == first
+    finally:
+        dataplane.close()
+
+
+def test_a_sealed_forward_runs_a_variant_it_did_not_compile_eager_and_counts_it(random_model):
+    """After the warm-up a compiled forward is sealed: a batch no compiled variant fits
+    runs eager (answered at once, the same values, counted in
+    `ttaserve_forward_eager_fallbacks_total`), never compiling while serving; a variant
+    the warm-up compiled still runs compiled."""
+    runner, reference = ModelRunner(random_model), ModelRunner(random_model)
+    runner.compile([build_policy("bn")], backend="aot_eager")
+    registry = CollectorRegistry()
+    dataplane = DataPlane(runner, InMemoryStateStore(), ServerMetrics(registry), "bn")
+    policy = dataplane.policy("bn")
+    compiled = runner.compiled(policy)
+    assert compiled is not None
+
+    def counted(name: str) -> float:
+        return registry.get_sample_value(f"ttaserve_forward_{name}_total") or 0.0
+
+    def forward(sizes: list[int]) -> None:
+        x, segments = _batch(sizes), Segments.from_sizes(sizes)
+        states = [dataplane.fresh_state("bn").packed for _ in sizes]
+        got = dataplane._executor.submit(dataplane._forward, x, segments, policy, states).result()  # fmt: skip
+        with torch.inference_mode():
+            _assert_same(got, reference.forward(x, segments, policy, states))
+
+    async def batch(stream: str, size: int) -> None:
+        job = PredictJob(stream, None, _batch([size]))
+        await dataplane.process_batch([job])
+        assert len((await job.future).predictions) == size
+
+    try:
+        compiled.seal()  # sealed before anything was compiled: nothing fits
+        asyncio.run(batch("a", 2))
+        assert counted("eager_fallbacks") == 1 and counted("compilations") == 0
+        forward([3, 1])
+        assert compiled.eager_runs == 2
+        compiled.sealed = False  # a warm-up, as `DataPlane.warm_up` runs it
+        asyncio.run(dataplane.warm_up("bn", _batch([4])))
+        assert compiled.sealed and compiled.eager_runs == 0
+        graphs = compiled_graph_count()
+        asyncio.run(batch("b", 4))  # a variant the warm-up compiled
+        asyncio.run(batch("c", 1))
+        assert counted("eager_fallbacks") == 1 and compiled.eager_runs == 0
+        forward([40, 1, 1])  # larger than any warm-up batch and a new structure
+        assert compiled_graph_count() == graphs and counted("compilations") == 0
+    finally:
+        dataplane.close()
+
+
+def test_policies_compiled_side_by_side_keep_their_warmed_up_graphs(random_model):
+    """Two policies compiled in one server, warmed up one after the other: requests on
+    stored streams (states read back from the store) run the graphs their warm-up
+    compiled, neither compiling nor falling back to eager. (Their forwards once shared one
+    code object, and `bn`'s warm-up changed the guards of `default`'s graphs.)"""
+    runner = ModelRunner(random_model)
+    runner.compile([build_policy("bn"), build_policy("default")], backend="aot_eager")
+    registry = CollectorRegistry()
+    dataplane = DataPlane(runner, InMemoryStateStore(), ServerMetrics(registry), "default")
+
+    async def serve() -> None:
+        for name in ("source", "bn", "default"):
+            await dataplane.warm_up(name, _batch([4]))
+        for round_ in range(3):  # fresh streams, then stored states
+            for size in (1, 3):
+                jobs = [PredictJob(f"{policy}-{size}", policy, _batch([size], round_)) for policy in ("bn", "default")]  # fmt: skip
+                await dataplane.process_batch(jobs)
+                for job in jobs:
+                    assert (await job.future).samples_seen == (round_ + 1) * size
+
+    try:
+        asyncio.run(serve())
+        assert (registry.get_sample_value("ttaserve_forward_eager_fallbacks_total") or 0) == 0
+        assert (registry.get_sample_value("ttaserve_forward_compilations_total") or 0) == 0
     finally:
         dataplane.close()
 
