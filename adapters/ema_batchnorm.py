@@ -121,6 +121,15 @@ class EmaStatistics:
     switch_gate: tuple[float, float] | None = None
     switch_min_batch: int = 16
     switch_momentum: float = 0.5
+    # With `instance_weight` (beta), in the first `instance_layers` layers (those that are
+    # not class-specific) a sample whose own variance sits far from its request's target
+    # (mean over channels of |log(var_i / var_target)| ramping over `instance_gate`) is
+    # normalized with the target mixed with its instance moments by up to beta: a
+    # low-contrast or noisy image among others (mixed domains, one image at a time) is
+    # normalized more like itself.
+    instance_weight: float = 0.0
+    instance_layers: int = 3
+    instance_gate: tuple[float, float] = (0.5, 1.0)
 
     def __post_init__(self) -> None:
         for name in ("alpha", "class_specific_alpha"):
@@ -128,7 +137,9 @@ class EmaStatistics:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if (self.request_prior or 0) < 0 or self.source_prior < 0 or not 0 < self.momentum_floor <= 1:  # fmt: skip
             raise ValueError("priors must be >= 0 and momentum_floor in (0, 1]")
-        for name in ("shift_gate", "switch_gate"):
+        if not 0.0 <= self.instance_weight <= 1.0:
+            raise ValueError(f"instance_weight must be in [0, 1], got {self.instance_weight}")
+        for name in ("shift_gate", "switch_gate", "instance_gate"):
             gate = getattr(self, name)
             if gate is not None and not 0 <= gate[0] < gate[1]:
                 raise ValueError(f"{name} must be (lo, hi) with 0 <= lo < hi, got {gate}")
@@ -253,7 +264,20 @@ class EmaStatistics:
                 alpha = alpha * self.alpha
         if specific and self.class_specific_alpha != 1.0:  # a mixture of mixtures: alphas multiply
             alpha = alpha * self.class_specific_alpha
+        if self.instance_weight and not specific and layer < self.instance_layers:
+            per_sample_mean, per_sample_var = self._with_instances(tgt_mean, tgt_var, mean, var, segments)  # fmt: skip
+            if isinstance(alpha, torch.Tensor):
+                alpha = segments.per_sample(alpha)
+            mu, sigma2 = mix_moments(norm.running_mean, norm.running_var, per_sample_mean, per_sample_var, alpha)  # fmt: skip
+            return Normalization(mu, sigma2.clamp_min(0.0))
         return source_mixed_normalization(norm, tgt_mean, tgt_var, alpha, segments)
+
+    def _with_instances(self, tgt_mean: torch.Tensor, tgt_var: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, segments: Segments) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Per sample (N, C): its request's target moments mixed with its own instance
+        moments by `instance_weight`, gated by how far its variance is from the target's."""
+        t_mean, t_var = segments.per_sample(tgt_mean), segments.per_sample(tgt_var)
+        weight = self.instance_weight * _ramp(_log_var_distance(var, t_var), self.instance_gate)
+        return mix_moments(t_mean, t_var, mean, var, weight)
 
     def _switch(self, state: StateTensors, obs: Observation) -> torch.Tensor | float:
         """How surely the observed samples come from another domain than the stream's

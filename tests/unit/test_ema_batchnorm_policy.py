@@ -191,3 +191,34 @@ def test_diversity_from_labels_sees_a_correlated_request_behind_diffuse_probabil
         diversity[from_labels] = float(single)
     assert diversity[False] > 0.99  # 0.7 * 1 + 0.3 * ~1: the soft mean looks i.i.d.
     assert diversity[True] == pytest.approx(0.7)  # 0.7 * 1 + 0.3 * 0: one predicted class
+
+
+def test_instance_mixing_normalizes_an_atypical_image_like_itself_in_the_first_layers(random_model):
+    """With the gate wide open and full weight, the first `instance_layers` layers normalize
+    each sample with its own moments (alpha 1); later layers, and a gate that does not
+    open, give exactly what the policy gives without instance mixing."""
+    runner = ModelRunner(random_model)
+    plain = EmaStatistics()
+    stats = EmaStatistics(instance_weight=1.0, instance_layers=1, instance_gate=(0.0, 1e-6))
+    closed = EmaStatistics(instance_weight=1.0, instance_layers=1, instance_gate=(50.0, 60.0))
+    segments = Segments.from_sizes([3, 1])
+    g = torch.Generator().manual_seed(0)
+    batched = stack_states([plain.init_state(runner.source)] * 2)
+    for layer, norm in enumerate(runner.source.layers[:2]):
+        mean = torch.randn(4, norm.channels, generator=g)
+        var = torch.rand(4, norm.channels, generator=g) * 3
+        want = plain.layer_statistics(layer, batched, mean, var, segments, norm)
+        got = stats.layer_statistics(layer, batched, mean, var, segments, norm)
+        if layer == 0:
+            torch.testing.assert_close(got.mean, mean)
+            torch.testing.assert_close(got.var, var)
+        else:
+            assert torch.equal(got.mean, want.mean) and torch.equal(got.var, want.var)
+        shut = closed.layer_statistics(layer, batched, mean, var, segments, norm)
+        assert torch.equal(shut.mean, want.mean.expand_as(shut.mean))
+        assert torch.equal(shut.var, want.var.expand_as(shut.var))
+
+
+def test_instance_weight_out_of_range_is_refused():
+    with pytest.raises(ValueError, match="instance_weight"):
+        EmaStatistics(instance_weight=1.5)
