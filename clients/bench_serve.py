@@ -656,8 +656,9 @@ def target_batching(
     label = f"model time per image at {ref} streams within 1.25x of 1 stream x {opts.reference_batch} (bn)"
     ratio = paired_ratio(at, big, "forward_ms_per_image")
     if ratio is not None:
-        ms = [p["forward_ms_per_image"] for p in at.values()]
-        ref_ms = [p["forward_ms_per_image"] for p in big.values()]
+        # rounds without a forward (every request failed) have no model time
+        ms = [p["forward_ms_per_image"] for p in at.values() if p["forward_ms_per_image"]]
+        ref_ms = [p["forward_ms_per_image"] for p in big.values() if p["forward_ms_per_image"]]
         out.append(
             _target(
                 label,

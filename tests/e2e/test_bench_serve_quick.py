@@ -111,3 +111,17 @@ def test_targets_take_the_median_of_ratios_paired_within_rounds() -> None:
     results["bn"]["phases"] = results["bn"]["phases"][:1]
     bn = evaluate_targets(results, opts, 500)[0]
     assert bn["status"] == "PASS" and "lowest single round 0.95" in bn["detail"]
+
+
+def test_a_round_without_forwards_leaves_the_model_time_target_to_the_others() -> None:
+    """A round whose window saw no forward pass (every request failed) has no model time:
+    the target pairs the rounds that have one instead of failing on it."""
+    opts = argparse.Namespace(concurrencies=[64], sizes=[1], reference_batch=64)
+
+    def bn(streams: int, images: int, ms: list[float | None]) -> list[dict]:
+        return [_phase("bn", streams, images, forward_ms_per_image=v) | {"round": r} for r, v in enumerate(ms)]  # fmt: skip
+
+    results = {"bn": {"phases": bn(64, 1, [1.2, None, 1.1]) + bn(1, 64, [1.0, 1.0, 1.0])}}
+    model_time = evaluate_targets(results, opts, bn_statistics_bytes=500)[3]
+    assert model_time["status"] == "PASS", model_time
+    assert model_time["detail"].startswith("1.150 vs 1.000 ms/image; ratio 1.15 (1.10-1.20)x")
