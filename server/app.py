@@ -119,7 +119,7 @@ def create_app(  # noqa: C901 - a factory of small route closures
         runner = ModelRunner(model)
     store = store or build_store(settings)
     metrics = ServerMetrics()
-    dataplane = DataPlane(runner, store, metrics, settings.default_policy, max_groups=settings.max_groups, single_thread_below_images=settings.single_thread_below_images, forward_threads=forward_threads)  # fmt: skip
+    dataplane = DataPlane(runner, store, metrics, settings.default_policy, max_groups=settings.max_groups, single_thread_below_images=settings.single_thread_below_images, forward_threads=forward_threads, writes_in_flight=settings.writes_in_flight)  # fmt: skip
     if compiled := settings.compiled_policy_names():
         unknown = sorted(set(compiled) - set(POLICIES))
         if unknown:
@@ -129,7 +129,7 @@ def create_app(  # noqa: C901 - a factory of small route closures
         except UnsupportedModelError as exc:
             log.error("not compiling: %s; the model runs eager", exc)
     batcher = CrossStreamBatcher(
-        dataplane.process_batch,
+        dataplane.begin_batch,
         max_batch_images=settings.max_batch_size,
         max_wait_s=settings.max_batch_wait_ms / 1000,
         max_queue_images=settings.max_queue_images,
@@ -172,6 +172,7 @@ def create_app(  # noqa: C901 - a factory of small route closures
             status["ready"] = False
             await batcher.drain(timeout_s=30)
             await batcher.stop()
+            await dataplane.flush()  # state writes still in flight
             dataplane.close()
             await store.close()
 

@@ -17,6 +17,13 @@ set by the number of active streams instead of a constant: many concurrent strea
 fill large batches (the per-image cost of a forward pass falls with its size) without
 delaying a lone stream.
 The queue is bounded in images: past `max_queue_images` a submit fails with `OverloadedError`.
+
+A handler may return an awaitable for its batch's last stage (the dataplane's state
+writes and answers). The next batch starts before that stage ends only when a full batch
+is already queued: then the forward thread is the bottleneck, and the writes' store round
+trips would idle it. Otherwise the batcher waits for the answers, so that their streams'
+next requests can join the next batch (starting early there made batches of 64
+single-image streams half as large and their images 1.5x slower in the model).
 """
 
 from __future__ import annotations
@@ -54,7 +61,7 @@ class PredictJob:
         return int(self.pixels.shape[0])
 
 
-BatchHandler = Callable[[list[PredictJob]], Awaitable[None]]
+BatchHandler = Callable[[list[PredictJob]], Awaitable[Any]]  # may return its last stage (above)
 
 
 class CrossStreamBatcher:
@@ -172,8 +179,9 @@ class CrossStreamBatcher:
     async def _run(self) -> None:
         while True:
             batch = await self._next_batch()
+            rest: Awaitable[Any] | None = None
             try:
-                await self._handler(batch)
+                rest = await self._handler(batch)
             except Exception as exc:  # the handler answers jobs itself; this is a last resort
                 log.exception("batch handler failed")
                 for job in batch:
@@ -181,3 +189,5 @@ class CrossStreamBatcher:
                         job.future.set_exception(exc)
             finally:
                 self._queued_images -= sum(job.size for job in batch)
+            if isinstance(rest, Awaitable) and self._queued_images < self._max_batch:
+                await rest  # not saturated: answer first, so that those streams can join the next batch

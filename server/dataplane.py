@@ -8,11 +8,16 @@ answer already computed stays valid. Requests of one stream that meet in one bat
 normalized with the same (pre-batch) state; their updates are applied in arrival order.
 Updates are batched: the policy's `update_batch` moves every stream of a forward pass at
 once (one round per request a stream has in the batch, usually one).
+
+Batches are pipelined: a batch's writes (and answers, which follow them) are still in
+flight while the next batch is read and forwarded, so store round trips overlap with the
+model instead of idling it; a stream's next read waits for its previous write.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -98,6 +103,7 @@ class DataPlane:
         max_groups: int = 32,
         single_thread_below_images: int = 0,
         forward_threads: int | None = None,
+        writes_in_flight: int = 4,
     ) -> None:
         if default_policy not in POLICIES:
             raise ValueError(f"TTASERVE_DEFAULT_POLICY={default_policy!r} is unknown; known: {', '.join(sorted(POLICIES))}")  # fmt: skip
@@ -108,6 +114,13 @@ class DataPlane:
         self._policies = {name: build_policy(name) for name in POLICIES}
         self._layouts = {name: TensorLayout.of(p.init_state(runner.source)) for name, p in self._policies.items()}  # fmt: skip
         self._clock = clock
+        # Batches whose state writes may still be in flight while the next one runs (0: each
+        # batch is written and answered before the next is read), and the write each
+        # stream's next read waits for.
+        self._writes_in_flight = writes_in_flight
+        self._writes: set[asyncio.Task[None]] = set()
+        self._writing: dict[str, asyncio.Future[None]] = {}
+        self._observing: set[asyncio.Future[None]] = set()  # drift observations not yet run
         # Small forward passes run on one intra-op thread: their ops are too small to split,
         # and a second OpenMP thread competes with the event loop for the cores (measured on
         # 2 cores: 16 streams x 1 image 319 -> 419 images/s for `source`; 64 x 32 needs both).
@@ -209,11 +222,58 @@ class DataPlane:
 
     # --- batch processing ------------------------------------------------------------------
     async def process_batch(self, jobs: list[PredictJob]) -> None:
-        """Answer every job of a batch (the batcher's handler)."""
+        """Answer every job of a batch; returns when all are answered and written, and its
+        metrics observed (for callers outside the batcher: tests, `bench accuracy`)."""
+        await (await self.begin_batch(jobs))
+        await self.flush()
+
+    async def begin_batch(self, jobs: list[PredictJob]) -> asyncio.Task[None]:
+        """The batcher's handler: run a batch's forward passes and state updates, and return
+        its write-and-answer stage as a task, so that the next batch's forward pass can run
+        while this one's state writes (store round trips) are in flight (the batcher lets
+        it when saturated). At most `writes_in_flight` batches write at once (more: wait
+        here for the oldest). A stream's state is read only after every earlier batch's
+        write of it; its answers follow its write, so a client never sees an answer
+        before its update is stored."""
         started = time.perf_counter()
+        keys = list(dict.fromkeys(self.key(j.stream_id) for j in jobs))
+        earlier = {self._writing[k] for k in keys if k in self._writing}
+        written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        for k in keys:  # before any await: batches take their turn per stream in call order
+            self._writing[k] = written
+        try:
+            if earlier:
+                await asyncio.gather(*earlier)
+            work, degraded = await self._read_and_forward(jobs, keys, started)
+        except BaseException:
+            self._release(keys, written)
+            raise
+        task = asyncio.create_task(self._write_and_answer(jobs, keys, work, degraded, written))
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+        while len(self._writes) > self._writes_in_flight:
+            await asyncio.wait(self._writes, return_when=asyncio.FIRST_COMPLETED)
+        return task
+
+    async def flush(self) -> None:
+        """Wait for every batch's state writes and metric observations in flight."""
+        while self._writes or self._observing:
+            await asyncio.wait(self._writes | self._observing)
+
+    def _observed(self, future: asyncio.Future[None]) -> None:
+        self._observing.discard(future)
+        if not future.cancelled() and future.exception() is not None:
+            log.error("observing a batch's drift failed", exc_info=future.exception())
+
+    def _release(self, keys: list[str], written: asyncio.Future[None]) -> None:
+        written.set_result(None)
+        for k in keys:
+            if self._writing.get(k) is written:
+                del self._writing[k]
+
+    async def _read_and_forward(self, jobs: list[PredictJob], keys: list[str], started: float) -> tuple[dict[str, _StreamWork], bool]:  # fmt: skip
         for job in jobs:
             self.metrics.queue_wait.observe(started - job.enqueued_at)
-        keys = list(dict.fromkeys(self.key(j.stream_id) for j in jobs))
         degraded = False
         try:
             with self.metrics.store_latency("get"):
@@ -226,16 +286,28 @@ class DataPlane:
         for job in jobs:
             self._assign(job, stored, work)
         await self._run_forward_passes(list(work.values()))
-        # Streams' writes are independent (one key each): their round trips overlap.
-        committing = [w for w in work.values() if w.jobs]
-        await asyncio.gather(*(self._commit(w, degraded) for w in committing))
-        for w in committing:
-            for reason in w.reset_reasons:
-                self.metrics.resets.labels(reason=reason).inc()
-        if degraded:
-            self.metrics.degraded.inc(len(jobs))
         self.metrics.batch_images.observe(sum(j.size for j in jobs))
         self.metrics.batch_requests.observe(len(jobs))
+        return work, degraded
+
+    async def _write_and_answer(self, jobs: list[PredictJob], keys: list[str], work: dict[str, _StreamWork], degraded: bool, written: asyncio.Future[None]) -> None:  # fmt: skip
+        try:
+            # Streams' writes are independent (one key each): their round trips overlap.
+            committing = [w for w in work.values() if w.jobs]
+            await asyncio.gather(*(self._commit(w, degraded) for w in committing))
+            for w in committing:
+                for reason in w.reset_reasons:
+                    self.metrics.resets.labels(reason=reason).inc()
+            if degraded:
+                self.metrics.degraded.inc(len(jobs))
+        except Exception as exc:  # a defect: answer every job still waiting
+            log.exception("writing a batch's states failed")
+            error = ApiError("internal_error", f"state write failed: {exc}", 500)
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(error)
+        finally:
+            self._release(keys, written)
 
     async def _run_forward_passes(self, work: list[_StreamWork]) -> None:
         """One forward pass per policy present; a failed pass answers its jobs with 500."""
@@ -246,7 +318,7 @@ class DataPlane:
         loop = asyncio.get_running_loop()
         for group in by_policy.values():
             try:
-                await loop.run_in_executor(self._executor, self._forward_and_update, group)
+                observe = await loop.run_in_executor(self._executor, self._forward_and_update, group)  # fmt: skip
             except Exception as exc:
                 log.exception("forward pass failed")
                 error = ApiError("inference_failed", f"inference failed: {exc}", 500)
@@ -255,6 +327,10 @@ class DataPlane:
                         if not job.future.done():
                             job.future.set_exception(error)
                     w.new_state, w.jobs = None, []
+            else:  # metrics only: in the forward thread beside this batch's writes, not before them
+                observing = loop.run_in_executor(self._executor, observe)
+                self._observing.add(observing)
+                observing.add_done_callback(self._observed)
 
     def _assign(self, job: PredictJob, stored: dict[str, StreamState | None], work: dict[str, _StreamWork]) -> None:  # fmt: skip
         key = self.key(job.stream_id)
@@ -275,8 +351,9 @@ class DataPlane:
             return
         w.jobs.append(job)
 
-    def _forward_and_update(self, group: list[_StreamWork]) -> None:
-        """Runs in the forward thread: one forward pass for all jobs of one policy."""
+    def _forward_and_update(self, group: list[_StreamWork]) -> Callable[[], None]:
+        """Runs in the forward thread: one forward pass for all jobs of one policy, and the
+        streams' next states. Returns its drift observation, to run after it."""
         policy = group[0].policy
         order = sorted(((w, job) for w in group for job in w.jobs), key=lambda p: p[1].enqueued_at)
         sizes = [job.size for _, job in order]
@@ -296,12 +373,16 @@ class DataPlane:
             w.requests.append(r)
         for w in group:
             w.forward, w.segments = result, segments
+        for w, (new, reasons) in zip(group, self._apply(group, [w.state for w in group]), strict=True):  # fmt: skip
+            w.new_state, w.reset_reasons = new, reasons
         labels = [self.groups.label(job.group) for _, job in order]
+        return functools.partial(self._observe_drift, labels, sizes, result)
+
+    def _observe_drift(self, labels: list[str], sizes: list[int], result: ForwardResult) -> None:
+        """A forward pass's per-group metrics and drift signals (in the forward thread)."""
         self._observe_groups(labels, sizes, result)
         # drift of the states as this batch found them: one computation for all streams
         self.drift.observe_states(labels, result.states)
-        for w, (new, reasons) in zip(group, self._apply(group, [w.state for w in group]), strict=True):  # fmt: skip
-            w.new_state, w.reset_reasons = new, reasons
 
     def _note_uncompiled(self, new_graphs: int, eager_runs: int, images: int, requests: int) -> None:  # fmt: skip
         """Count and log a batch variant the warm-up did not compile: compiled on the spot

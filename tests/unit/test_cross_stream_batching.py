@@ -254,3 +254,94 @@ def test_warm_up_and_forward_passes_run_in_the_forward_thread_with_its_thread_co
     for name, threads in seen:
         assert name.startswith("ttaserve-forward") and threads == 1
     assert threading.current_thread().name == "MainThread"
+
+
+class _HeldWritesStore(InMemoryStateStore):
+    """The in-process store whose writes wait until the test lets them through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.open = asyncio.Event()
+
+    async def compare_and_set(self, key, expected_version, record):
+        await self.open.wait()
+        return await super().compare_and_set(key, expected_version, record)
+
+
+def test_next_batch_runs_while_writes_are_in_flight_and_a_stream_waits_for_its_own(random_model):  # fmt: skip
+    """Pipelined batches: while batch 1's write (stream a) is held, batch 2 (stream b) is
+    read and forwarded; batch 3 (stream a again) waits for batch 1's write, so it starts
+    from a's updated state. Answers come only after their batch's write."""
+    runner = ModelRunner(random_model)
+
+    async def run():
+        store = _HeldWritesStore()
+        dataplane = DataPlane(runner, store, ServerMetrics(), "bn", writes_in_flight=4)
+        first = [PredictJob("a", None, _pixels("a", 0))]
+        second = [PredictJob("b", None, _pixels("b", 0))]
+        third = [PredictJob("a", None, _pixels("a", 1))]
+        # (serial batches would wait here for the held write: a timeout, not a hang)
+        written_1 = await asyncio.wait_for(dataplane.begin_batch(first), 30)
+        written_2 = await asyncio.wait_for(dataplane.begin_batch(second), 30)  # while 1 writes
+        overlapped = not written_1.done() and not first[0].future.done()
+        reading_3 = asyncio.create_task(dataplane.begin_batch(third))
+        await asyncio.sleep(0.05)
+        waited = not reading_3.done()  # a's second read waits for a's first write
+        store.open.set()
+        await (await reading_3)
+        await asyncio.gather(written_1, written_2)
+        await dataplane.flush()
+        dataplane.close()
+        return overlapped, waited, [j.future.result() for j in first + second + third]
+
+    overlapped, waited, (a1, b1, a2) = asyncio.run(run())
+    assert overlapped and waited
+    assert (a1.samples_seen, a1.state_version, b1.samples_seen) == (3, 1, 1)
+    assert (a2.samples_seen, a2.state_version) == (6, 2)
+
+
+def test_writes_in_flight_zero_writes_and_answers_before_the_next_batch(random_model):
+    runner = ModelRunner(random_model)
+
+    async def run():
+        store = _HeldWritesStore()
+        dataplane = DataPlane(runner, store, ServerMetrics(), "bn", writes_in_flight=0)
+        job = PredictJob("a", None, _pixels("a", 0))
+        beginning = asyncio.create_task(dataplane.begin_batch([job]))
+        await asyncio.sleep(0.05)
+        held = not beginning.done()  # the write is held, so the batch has not handed over
+        store.open.set()
+        await (await beginning)
+        dataplane.close()
+        return held, job.future.done()
+
+    assert asyncio.run(run()) == (True, True)
+
+
+@pytest.mark.parametrize(("jobs", "batches_while_held"), [(3, 1), (5, 2)])
+def test_next_batch_starts_before_the_last_stage_only_when_a_full_batch_is_queued(jobs, batches_while_held):  # fmt: skip
+    """2 images per batch. Three jobs: the third waits for the first batch's last stage (its
+    answer lets that stream join the next batch). Five: a full batch is queued behind
+    the first, so it runs while the first batch's last stage is held."""
+
+    async def run():
+        held = asyncio.Event()
+        handled: list[int] = []
+
+        async def handler(batch):
+            handled.append(len(batch))
+            for job in batch:
+                job.future.set_result(None)
+            return asyncio.ensure_future(held.wait())
+
+        batcher = CrossStreamBatcher(handler, max_batch_images=2, max_wait_s=0.0, max_queue_images=64)  # fmt: skip
+        batcher.start()
+        waiting = [asyncio.ensure_future(batcher.submit(PredictJob(f"s{i}", None, torch.zeros(1, 3, 2, 2)))) for i in range(jobs)]  # fmt: skip
+        await asyncio.sleep(0.1)
+        before = len(handled)
+        held.set()
+        await asyncio.gather(*waiting)
+        await batcher.stop()
+        return before, sum(handled)
+
+    assert asyncio.run(run()) == (batches_while_held, jobs)
