@@ -189,7 +189,6 @@ class CrossStreamBatcher:
                         job.future.set_exception(exc)
             finally:
                 self._queued_images -= sum(job.size for job in batch)
+            # not saturated: answer first, so that those streams can join the next batch
             if isinstance(rest, Awaitable) and self._queued_images < self._max_batch:
-                await (
-                    rest
-                )  # not saturated: answer first, so that those streams can join the next batch
+                await rest
