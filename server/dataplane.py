@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import random
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -48,7 +49,14 @@ from ttaserve.server.state import (
 from ttaserve.server.stores.base import StateStore, StoredRecord, StoreUnavailableError
 
 log = logging.getLogger(__name__)
-CAS_ATTEMPTS = 8
+# Compare-and-set attempts per write; after a conflict, a random wait of up to
+# min(CAS_BACKOFF_CAP_S, CAS_BACKOFF_S * 2**attempt) before re-reading (jittered
+# exponential backoff), so that writers of one busy stream on several replicas take turns:
+# with immediate retries, 60 concurrent requests of one stream over 3 replicas lost updates
+# (8 attempts, no wait).
+CAS_ATTEMPTS = 32
+CAS_BACKOFF_S = 0.0005
+CAS_BACKOFF_CAP_S = 0.02
 
 
 @dataclass
@@ -103,7 +111,7 @@ class DataPlane:
         max_groups: int = 32,
         single_thread_below_images: int = 0,
         forward_threads: int | None = None,
-        writes_in_flight: int = 4,
+        writes_in_flight: int = 0,
     ) -> None:
         if default_policy not in POLICIES:
             raise ValueError(f"TTASERVE_DEFAULT_POLICY={default_policy!r} is unknown; known: {', '.join(sorted(POLICIES))}")  # fmt: skip
@@ -509,7 +517,7 @@ class DataPlane:
 
     async def _write_with_retry(self, w: _StreamWork, new: StreamState) -> tuple[StreamState | None, bool]:  # fmt: skip
         expected = w.state.version
-        for _ in range(CAS_ATTEMPTS):
+        for attempt in range(CAS_ATTEMPTS):
             try:
                 with self.metrics.store_latency("cas"):
                     ok = await self.store.compare_and_set(w.key, expected, StoredRecord(new.version, encode_state(new)))  # fmt: skip
@@ -517,6 +525,7 @@ class DataPlane:
                     self.metrics.state_updates.labels(policy=new.policy).inc()
                     return new, False
                 self.metrics.cas_conflicts.inc()
+                await _backoff(attempt)
                 with self.metrics.store_latency("get"):
                     (record,) = await self.store.get_many([w.key])
             except StoreUnavailableError:
@@ -529,13 +538,16 @@ class DataPlane:
             expected = current.version
             ((new, w.reset_reasons),) = self._apply([w], [current])
         log.warning("giving up on a state update after %d conflicts", CAS_ATTEMPTS)
+        self.metrics.state_updates_dropped.inc()
         return None, False
 
     # --- stream management -----------------------------------------------------------------
     async def reset(self, stream_id: str, policy_name: str | None) -> StreamState:
         """Return a stream to the source model (optionally switching its policy)."""
         key = self.key(stream_id)
-        for _ in range(CAS_ATTEMPTS):
+        for attempt in range(CAS_ATTEMPTS):
+            if attempt:
+                await _backoff(attempt - 1)
             (record,) = await self.store.get_many([key])
             current = self._decode(record)
             name = policy_name or (current.policy if current and current.policy else self.default_policy)  # fmt: skip
@@ -552,6 +564,11 @@ class DataPlane:
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
+
+
+async def _backoff(attempt: int) -> None:
+    """The random wait after the `attempt`-th compare-and-set conflict (from 0)."""
+    await asyncio.sleep(random.uniform(0.0, min(CAS_BACKOFF_CAP_S, CAS_BACKOFF_S * 2**attempt)))  # fmt: skip
 
 
 def _round_observation(work: _StreamWork, requests: list[int]) -> BatchObservation:

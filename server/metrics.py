@@ -31,6 +31,7 @@ class ServerMetrics:
         self.images = Counter("ttaserve_images_total", "Images predicted", ["policy"], registry=r)  # fmt: skip
         self.state_updates = Counter("ttaserve_state_updates_total", "Stream states written", ["policy"], registry=r)  # fmt: skip
         self.cas_conflicts = Counter("ttaserve_state_conflicts_total", "Compare-and-set conflicts (update re-applied)", registry=r)  # fmt: skip
+        self.state_updates_dropped = Counter("ttaserve_state_updates_dropped_total", "State updates given up after too many compare-and-set conflicts", registry=r)  # fmt: skip
         self.state_discarded = Counter("ttaserve_state_discarded_total", "Stored states unusable (schema/model mismatch) and started afresh", registry=r)  # fmt: skip
         self.compilations = Counter("ttaserve_forward_compilations_total", "Graphs compiled while serving by a compiled forward that was not warmed up (each stalls the forward thread; TTASERVE_COMPILE_POLICIES)", registry=r)  # fmt: skip
         self.eager_fallbacks = Counter("ttaserve_forward_eager_fallbacks_total", "Forward passes of a compiled policy that ran eager: the warm-up did not compile their batch variant (slower, no stall; TTASERVE_COMPILE_POLICIES)", registry=r)  # fmt: skip

@@ -38,7 +38,7 @@ class Settings(BaseSettings):
     max_batch_wait_ms: float = Field(2.0, ge=0, description="wait for more jobs after the first (while other streams are active)")  # fmt: skip
     max_batch_gather_ms: float = Field(100.0, ge=0, description="at most this long gathering the jobs of active streams that keep arriving")  # fmt: skip
     batch_active_window_ms: float = Field(2000.0, gt=0, description="a stream that submitted this recently is expected in the next batch")  # fmt: skip
-    writes_in_flight: int = Field(4, ge=0, description="batches whose state writes (store round trips) may still be in flight while the next batch's forward pass runs (0: each batch is written and answered before the next starts)")  # fmt: skip
+    writes_in_flight: int = Field(0, ge=0, description="batches whose state writes (store round trips) may still be in flight while the next batch's forward pass runs (0: each batch is written and answered before the next starts); for GPU servers, where a forward pass is as short as a round trip (README, Pipelined batches)")  # fmt: skip
     max_queue_images: int = Field(4096, ge=1, description="queued images before 503")
     torch_threads: int = Field(0, ge=0, description="0: torch's default")
     single_thread_below_images: int = Field(32, ge=0, description="forward passes of fewer images run on one intra-op thread (0: never)")  # fmt: skip

@@ -26,17 +26,21 @@ STREAM = "shared-camera"
 class ServerProcess:
     """`python -m ttaserve serve` in a child process; its output goes to a log file."""
 
-    def __init__(self, package: Path, redis_url: str, log_path: Path) -> None:
+    def __init__(self, package: Path, redis_url: str, log_path: Path, extra_env: dict[str, str] | None = None) -> None:  # fmt: skip
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        env = os.environ | {
-            "TTASERVE_MODEL": str(package),
-            "TTASERVE_REDIS_URL": redis_url,
-            "TTASERVE_TORCH_THREADS": "1",
-            "TTASERVE_MAX_BATCH_WAIT_MS": "2",
-            "TTASERVE_LOG_LEVEL": "warning",
-        }
+        env = (
+            os.environ
+            | {
+                "TTASERVE_MODEL": str(package),
+                "TTASERVE_REDIS_URL": redis_url,
+                "TTASERVE_TORCH_THREADS": "1",
+                "TTASERVE_MAX_BATCH_WAIT_MS": "2",
+                "TTASERVE_LOG_LEVEL": "warning",
+            }
+            | (extra_env or {})
+        )
         with log_path.open("wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "ttaserve", "serve", "--port", str(self.port)],
@@ -74,7 +78,12 @@ def replicas(tmp_path: Path, redis_server: RedisServer) -> Iterator[list[ServerP
     servers: list[ServerProcess] = []
     try:
         for i in range(REPLICAS):
-            servers.append(ServerProcess(package, redis_server.url, tmp_path / f"server{i}.log"))
+            # One replica pipelines its batches' writes, in batches of at most 3 images (one
+            # request), so that its queue is saturated and the stream's next batch is read
+            # while the previous one writes: the read must wait for that write.
+            pipelined = {"TTASERVE_WRITES_IN_FLIGHT": "4", "TTASERVE_MAX_BATCH_SIZE": "3"}
+            log = tmp_path / f"server{i}.log"
+            servers.append(ServerProcess(package, redis_server.url, log, pipelined if i == 1 else None))  # fmt: skip
         deadline = time.monotonic() + 120
         for s in servers:
             s.wait_ready(deadline)
