@@ -190,5 +190,7 @@ class CrossStreamBatcher:
             finally:
                 self._queued_images -= sum(job.size for job in batch)
             # not saturated: answer first, so that those streams can join the next batch
+            # (shielded: stopping the batcher must not cancel writes; the dataplane's
+            # `flush` waits for them)
             if isinstance(rest, Awaitable) and self._queued_images < self._max_batch:
-                await rest
+                await asyncio.shield(rest)

@@ -9,9 +9,10 @@ normalized with the same (pre-batch) state; their updates are applied in arrival
 Updates are batched: the policy's `update_batch` moves every stream of a forward pass at
 once (one round per request a stream has in the batch, usually one).
 
-Batches are pipelined: a batch's writes (and answers, which follow them) are still in
-flight while the next batch is read and forwarded, so store round trips overlap with the
-model instead of idling it; a stream's next read waits for its previous write.
+With `writes_in_flight` > 0 batches are pipelined: a batch's writes (and answers, which
+follow them) can still be in flight while the next batch is read and forwarded, so store
+round trips overlap with the model instead of idling it; a stream's next read waits for
+its previous write.
 """
 
 from __future__ import annotations

@@ -345,3 +345,30 @@ def test_next_batch_starts_before_the_last_stage_only_when_a_full_batch_is_queue
         return before, sum(handled)
 
     assert asyncio.run(run()) == (batches_while_held, jobs)
+
+
+def test_stopping_the_batcher_does_not_cancel_a_batch_last_stage():
+    """Graceful shutdown stops the batcher, then flushes the dataplane's writes: stopping
+    must leave a write the batcher was waiting for running."""
+
+    async def run():
+        held = asyncio.Event()
+        stages: list[asyncio.Task] = []
+
+        async def handler(batch):
+            for job in batch:
+                job.future.set_result(None)
+            stages.append(asyncio.ensure_future(held.wait()))
+            return stages[-1]
+
+        batcher = CrossStreamBatcher(handler, max_batch_images=4, max_wait_s=0.0, max_queue_images=64)  # fmt: skip
+        batcher.start()
+        await batcher.submit(PredictJob("s", None, torch.zeros(1, 3, 2, 2)))
+        await asyncio.sleep(0.05)  # the batcher now waits for the held stage
+        await batcher.stop()
+        cancelled = stages[0].cancelled()
+        held.set()
+        await stages[0]
+        return cancelled
+
+    assert asyncio.run(run()) is False
