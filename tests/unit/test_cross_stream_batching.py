@@ -337,7 +337,11 @@ def test_next_batch_starts_before_the_last_stage_only_when_a_full_batch_is_queue
         batcher = CrossStreamBatcher(handler, max_batch_images=2, max_wait_s=0.0, max_queue_images=64)  # fmt: skip
         batcher.start()
         waiting = [asyncio.ensure_future(batcher.submit(PredictJob(f"s{i}", None, torch.zeros(1, 3, 2, 2)))) for i in range(jobs)]  # fmt: skip
-        await asyncio.sleep(0.1)
+        for _ in range(500):  # until the batches expected while held ran (slow machines)
+            if len(handled) >= batches_while_held:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)  # and no more than those
         before = len(handled)
         held.set()
         await asyncio.gather(*waiting)
