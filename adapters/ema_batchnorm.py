@@ -115,12 +115,16 @@ class EmaStatistics:
     class_specific_alpha: float = 1.0
     # With `switch_gate` (lo, hi), a request of at least `switch_min_batch` samples whose
     # statistics sit far from its stream's in the layers that are not class-specific (mean
-    # |log var ratio| ramping lo -> hi) is taken as a domain switch: in the class-specific
-    # layers it weighs like in the others (n / (n + request_prior)), and the stream update
-    # moves with momentum up to `switch_momentum`, so that stale history is forgotten fast.
+    # |log var ratio| ramping lo -> hi) is taken as a domain switch: it weighs
+    # `switch_request_weight` against its stream's statistics in every layer (None:
+    # n / (n + request_prior), as the layers that are not class-specific weigh it; 1.0:
+    # the request's own statistics, as BN-adapt uses, since the history is of another
+    # domain), and the stream update moves with momentum up to `switch_momentum`, so that
+    # stale history is forgotten fast.
     switch_gate: tuple[float, float] | None = None
     switch_min_batch: int = 16
     switch_momentum: float = 0.5
+    switch_request_weight: float | None = None
     # With `instance_weight` (beta), in the first `instance_layers` layers (those that are
     # not class-specific) a sample whose own variance sits far from its request's target
     # (mean over channels of |log(var_i / var_target)| ramping over `instance_gate`) is
@@ -132,8 +136,8 @@ class EmaStatistics:
     instance_gate: tuple[float, float] = (0.5, 1.0)
 
     def __post_init__(self) -> None:
-        for name in ("alpha", "class_specific_alpha"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
+        for name in ("alpha", "class_specific_alpha", "switch_request_weight"):
+            if not 0.0 <= (getattr(self, name) or 0.0) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if (self.request_prior or 0) < 0 or self.source_prior < 0 or not 0 < self.momentum_floor <= 1:  # fmt: skip
             raise ValueError("priors must be >= 0 and momentum_floor in (0, 1]")
@@ -253,7 +257,10 @@ class EmaStatistics:
             distance = None if specific else _log_var_distance(req_var, state[var_key])
             switch = _accumulate(state, SWITCH_EVIDENCE_KEY, distance, count, self.switch_gate)
             n = segments.sizes.unsqueeze(1)
-            full = _own_weight(n, self.request_prior) if self.request_prior is not None else w
+            if self.switch_request_weight is not None:
+                full: torch.Tensor | float = self.switch_request_weight
+            else:
+                full = _own_weight(n, self.request_prior) if self.request_prior is not None else w
             w = w + switch * (n >= self.switch_min_batch) * (full - w)
         tgt_mean, tgt_var = mix_moments(state[mean_key], state[var_key], req_mean, req_var, w)
         alpha: torch.Tensor | float = self.alpha

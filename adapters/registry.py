@@ -63,7 +63,8 @@ def default_statistics() -> EmaStatistics:
         class_balanced=True,
         class_sensitivity_scale=0.01,
         shift_gate=(0.035, 0.06),  # clean streams under label shift stay at the source model
-        switch_gate=(0.2, 0.5),  # a request from a new domain is trusted and forgets history
+        switch_gate=(0.2, 0.5),  # a request from a new domain is trusted and forgets history:
+        switch_request_weight=1.0,  # it is normalized with its own statistics (BN-adapt)
         class_specific_alpha=0.5,  # the class-specific layers keep half the source statistics
     )
 

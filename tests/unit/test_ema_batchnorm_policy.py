@@ -155,6 +155,25 @@ def test_domain_switch_forgets_a_long_history_fast(random_model):
     assert torch.equal(new_small["bn.0.mean"], plain.update(state, small, runner.source).state["bn.0.mean"])  # fmt: skip
 
 
+def test_a_switching_request_can_be_normalized_with_its_own_statistics(random_model):
+    """With `switch_request_weight` 1.0 a request taken as a domain switch ignores its
+    stream's (other-domain) history, like BN-adapt; a request too small to call a switch,
+    and the same request without that weight, do not."""
+    runner = ModelRunner(random_model)
+    own = build_policy("bn", switch_gate=(0.0, 1e-6), switch_request_weight=1.0)
+    history = build_policy("bn", switch_gate=(0.0, 1e-6))
+    state = own.init_state(runner.source)
+    state = {k: v * 1.5 if k.endswith((".mean", ".var")) else v for k, v in state.items()}
+    x = _shifted(32, 7)
+    batch_norm = _forward(runner, build_policy("tbn"), x, [{}], [32]).logits
+    torch.testing.assert_close(_forward(runner, own, x, [state], [32]).logits, batch_norm, atol=1e-4, rtol=1e-4)  # fmt: skip
+    assert not torch.allclose(_forward(runner, history, x, [state], [32]).logits, batch_norm, atol=1e-2)  # fmt: skip
+    small = _forward(runner, own, x[:8], [state], [8]).logits
+    torch.testing.assert_close(small, _forward(runner, history, x[:8], [state], [8]).logits)
+    with pytest.raises(ValueError, match="switch_request_weight"):
+        EmaStatistics(switch_request_weight=1.5)
+
+
 def test_single_image_batches_skip_the_switch_gate_with_the_same_results(random_model):
     """No request reaches switch_min_batch: the gate's evidence is skipped, nothing changes."""
     runner = ModelRunner(random_model)
