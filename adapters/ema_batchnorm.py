@@ -56,6 +56,8 @@ REQUEST_WEIGHTS_KEY = "bn.forward.request_weights"
 SHIFT_EVIDENCE_KEY = "bn.forward.shift_evidence"
 # Per forward, (R, 1): the same for the distance of each request from its stream (switch).
 SWITCH_EVIDENCE_KEY = "bn.forward.switch_evidence"
+# Per forward, (R, 1): each request's running sum of variance shrink over the instance layers.
+SHRINK_EVIDENCE_KEY = "bn.forward.shrink_evidence"
 # Per forward, a Python tuple (not a tensor): per layer, whether it is class-specific and
 # how many layers up to it are not (the gates' divisor), read once per forward from the
 # state, so that layers branch on constants (a compiled forward cannot read tensors).
@@ -134,6 +136,12 @@ class EmaStatistics:
     instance_weight: float = 0.0
     instance_layers: int = 3
     instance_gate: tuple[float, float] = (0.5, 1.0)
+    # With `instance_shrink_gate` (lo, hi), the instance weight is further scaled per
+    # request by how far its target variances have shrunk below the source's (mean over
+    # channels, and over the instance layers so far, of -log(var_target / var_source),
+    # ramping lo -> hi): low-contrast streams (contrast, fog) get instance moments; streams
+    # whose variances grow (noise) or barely move (JPEG, clean) do not.
+    instance_shrink_gate: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         for name in ("alpha", "class_specific_alpha", "switch_request_weight"):
@@ -143,7 +151,7 @@ class EmaStatistics:
             raise ValueError("priors must be >= 0 and momentum_floor in (0, 1]")
         if not 0.0 <= self.instance_weight <= 1.0:
             raise ValueError(f"instance_weight must be in [0, 1], got {self.instance_weight}")
-        for name in ("shift_gate", "switch_gate", "instance_gate"):
+        for name in ("shift_gate", "switch_gate", "instance_gate", "instance_shrink_gate"):
             gate = getattr(self, name)
             if gate is not None and not 0 <= gate[0] < gate[1]:
                 raise ValueError(f"{name} must be (lo, hi) with 0 <= lo < hi, got {gate}")
@@ -195,6 +203,8 @@ class EmaStatistics:
         if self.switch_gate is not None:  # empty when no request is large enough to switch
             eligible = bool((segments.sizes >= self.switch_min_batch).any())
             prepared[SWITCH_EVIDENCE_KEY] = torch.zeros(segments.count if eligible else 0, 1)
+        if self.instance_weight and self.instance_shrink_gate is not None:
+            prepared[SHRINK_EVIDENCE_KEY] = torch.zeros(segments.count, 1)
         if SENSITIVITY_KEY in state and self._uses_layer_plan:
             prepared[LAYER_PLAN_KEY] = self._plan(state)
         return prepared
@@ -272,18 +282,23 @@ class EmaStatistics:
         if specific and self.class_specific_alpha != 1.0:  # a mixture of mixtures: alphas multiply
             alpha = alpha * self.class_specific_alpha
         if self.instance_weight and not specific and layer < self.instance_layers:
-            per_sample_mean, per_sample_var = self._with_instances(tgt_mean, tgt_var, mean, var, segments)  # fmt: skip
+            shrink = None
+            if self.instance_shrink_gate is not None:
+                shrink = _accumulate(state, SHRINK_EVIDENCE_KEY, _log_var_shrink(tgt_var, norm.running_var), count or layer + 1, self.instance_shrink_gate)  # fmt: skip
+            per_sample_mean, per_sample_var = self._with_instances(tgt_mean, tgt_var, mean, var, segments, shrink)  # fmt: skip
             if isinstance(alpha, torch.Tensor):
                 alpha = segments.per_sample(alpha)
             mu, sigma2 = mix_moments(norm.running_mean, norm.running_var, per_sample_mean, per_sample_var, alpha)  # fmt: skip
             return Normalization(mu, sigma2.clamp_min(0.0))
         return source_mixed_normalization(norm, tgt_mean, tgt_var, alpha, segments)
 
-    def _with_instances(self, tgt_mean: torch.Tensor, tgt_var: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, segments: Segments) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    def _with_instances(self, tgt_mean: torch.Tensor, tgt_var: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, segments: Segments, gate: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """Per sample (N, C): its request's target moments mixed with its own instance
         moments by `instance_weight`, gated by how far its variance is from the target's."""
         t_mean, t_var = segments.per_sample(tgt_mean), segments.per_sample(tgt_var)
         weight = self.instance_weight * _ramp(_log_var_distance(var, t_var), self.instance_gate)
+        if gate is not None:  # (R, 1) per request
+            weight = weight * segments.per_sample(gate)
         return mix_moments(t_mean, t_var, mean, var, weight)
 
     def _switch(self, state: StateTensors, obs: Observation) -> torch.Tensor | float:
@@ -398,6 +413,13 @@ def _log_var_distance(var: torch.Tensor, reference: torch.Tensor) -> torch.Tenso
         var = var.detach()
     ratio = var.clamp_min(1e-12) / reference.detach().clamp_min(1e-12)
     return ratio.log_().abs_().mean(-1, keepdim=True)
+
+
+def _log_var_shrink(var: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """(R, 1) mean over channels of -log(var / reference): positive where variances shrank
+    (low contrast), negative where they grew (noise); detached like `_log_var_distance`."""
+    ratio = var.detach().clamp_min(1e-12) / reference.detach().clamp_min(1e-12)
+    return ratio.log_().mean(-1, keepdim=True).neg_()
 
 
 def _ramp(d: torch.Tensor, gate: tuple[float, float]) -> torch.Tensor:

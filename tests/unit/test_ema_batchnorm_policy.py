@@ -174,6 +174,22 @@ def test_a_switching_request_can_be_normalized_with_its_own_statistics(random_mo
         EmaStatistics(switch_request_weight=1.5)
 
 
+def test_instance_moments_go_only_to_requests_whose_variances_shrank(random_model):
+    """With `instance_shrink_gate`, a low-contrast request (its variances shrank below the
+    source's) is normalized partly with its images' own moments; a request whose variances
+    grew (noise) is normalized exactly as without instance moments."""
+    runner = ModelRunner(random_model)
+    plain = build_policy("bn")
+    gated = build_policy("bn", instance_weight=0.5, instance_gate=(0.0, 1e-6), instance_shrink_gate=(0.1, 0.2))  # fmt: skip
+    state = plain.init_state(runner.source)
+    g = torch.Generator().manual_seed(8)
+    images = torch.randn(8, 3, 32, 32, generator=g)
+    images = images * torch.linspace(0.5, 1.5, 8).view(8, 1, 1, 1)  # images of unlike contrast
+    low_contrast, noisy = images * 0.1, images * 4.0
+    assert torch.equal(_forward(runner, gated, noisy, [state], [8]).logits, _forward(runner, plain, noisy, [state], [8]).logits)  # fmt: skip
+    assert not torch.allclose(_forward(runner, gated, low_contrast, [state], [8]).logits, _forward(runner, plain, low_contrast, [state], [8]).logits, atol=1e-3)  # fmt: skip
+
+
 def test_single_image_batches_skip_the_switch_gate_with_the_same_results(random_model):
     """No request reaches switch_min_batch: the gate's evidence is skipped, nothing changes."""
     runner = ModelRunner(random_model)

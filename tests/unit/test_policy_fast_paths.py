@@ -55,8 +55,8 @@ def _weight_per_layer(stats, state, n, layer):
 def test_prepared_request_weights_equal_the_weights_of_each_layer(random_model):
     runner = ModelRunner(random_model)
     source = _source_with_class_moments(runner)
-    # the gates (alpha, switch) and the class-specific layers' alpha are tested apart
-    ungated = dataclasses.replace(default_statistics(), shift_gate=None, switch_gate=None, class_specific_alpha=1.0)  # fmt: skip
+    # the gates (alpha, switch), the class-specific layers' alpha and instance moments are tested apart
+    ungated = dataclasses.replace(default_statistics(), shift_gate=None, switch_gate=None, class_specific_alpha=1.0, instance_weight=0.0)  # fmt: skip
     pieces = [ungated, EmaStatistics(), EmaStatistics(request_prior=None, fixed_momentum=0.05)]
     for stats in pieces:
         for sizes in ([1], [64], [1] * 5, [3, 1, 16, 2]):
@@ -137,8 +137,8 @@ class _Unprepared:
 
 def test_forward_with_prepared_weights_equals_a_forward_without(random_model):
     runner, default = ModelRunner(random_model), build_policy("default")
-    # the shift gate's per-forward evidence lives only in the prepared values (tested apart)
-    ungated = dataclasses.replace(default.statistics, shift_gate=None, switch_gate=None)
+    # the gates' per-forward evidence lives only in the prepared values (tested apart)
+    ungated = dataclasses.replace(default.statistics, shift_gate=None, switch_gate=None, instance_shrink_gate=None)  # fmt: skip
     policy = dataclasses.replace(default, statistics=ungated)
     plain = _Unprepared(policy)
     states = [policy.init_state(runner.source) for _ in range(3)]
