@@ -283,7 +283,7 @@ class EmaStatistics:
             alpha = alpha * self.class_specific_alpha
         if self.instance_weight and not specific and layer < self.instance_layers:
             shrink = None
-            if self.instance_shrink_gate is not None:
+            if self.instance_shrink_gate is not None:  # over the non-class-specific layers so far
                 shrink = _accumulate(state, SHRINK_EVIDENCE_KEY, _log_var_shrink(tgt_var, norm.running_var), count or layer + 1, self.instance_shrink_gate)  # fmt: skip
             per_sample_mean, per_sample_var = self._with_instances(tgt_mean, tgt_var, mean, var, segments, shrink)  # fmt: skip
             if isinstance(alpha, torch.Tensor):
@@ -294,7 +294,8 @@ class EmaStatistics:
 
     def _with_instances(self, tgt_mean: torch.Tensor, tgt_var: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, segments: Segments, gate: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """Per sample (N, C): its request's target moments mixed with its own instance
-        moments by `instance_weight`, gated by how far its variance is from the target's."""
+        moments by `instance_weight`, gated by how far its variance is from the target's
+        and, when given, by its request's `gate` (R, 1)."""
         t_mean, t_var = segments.per_sample(tgt_mean), segments.per_sample(tgt_var)
         weight = self.instance_weight * _ramp(_log_var_distance(var, t_var), self.instance_gate)
         if gate is not None:  # (R, 1) per request
