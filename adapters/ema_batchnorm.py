@@ -115,6 +115,10 @@ class EmaStatistics:
     # toward the classes it has seen lately (class-correlated order, label shift), and
     # class-balanced updates undo that only as far as the predictions are right.
     class_specific_alpha: float = 1.0
+    # With `class_specific_alpha_correlated`, a stream whose requests look class-correlated
+    # (diversity below `diversity_threshold`: class order, label shift) keeps this share in
+    # its class-specific layers instead (an i.i.d.-looking stream keeps `class_specific_alpha`).
+    class_specific_alpha_correlated: float | None = None
     # With `switch_gate` (lo, hi), a request of at least `switch_min_batch` samples whose
     # statistics sit far from its stream's in the layers that are not class-specific (mean
     # |log var ratio| ramping lo -> hi) is taken as a domain switch: it weighs
@@ -144,7 +148,8 @@ class EmaStatistics:
     instance_shrink_gate: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
-        for name in ("alpha", "class_specific_alpha", "switch_request_weight"):
+        shares = ("alpha", "class_specific_alpha", "class_specific_alpha_correlated", "switch_request_weight")  # fmt: skip
+        for name in shares:
             if not 0.0 <= (getattr(self, name) or 0.0) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if (self.request_prior or 0) < 0 or self.source_prior < 0 or not 0 < self.momentum_floor <= 1:  # fmt: skip
@@ -212,7 +217,7 @@ class EmaStatistics:
     @property
     def _uses_layer_plan(self) -> bool:
         """Whether layers are treated by kind (class-specific or not)."""
-        return self.shift_gate is not None or self.switch_gate is not None or self.class_specific_alpha != 1.0  # fmt: skip
+        return self.shift_gate is not None or self.switch_gate is not None or self.class_specific_alpha != 1.0 or self.class_specific_alpha_correlated is not None  # fmt: skip
 
     def _plan(self, state: StateTensors) -> LayerPlan:
         """Per layer: whether it is class-specific, and how many layers up to it are not."""
@@ -279,8 +284,8 @@ class EmaStatistics:
             alpha = _accumulate(state, SHIFT_EVIDENCE_KEY, distance, count, self.shift_gate)
             if self.alpha != 1.0:
                 alpha = alpha * self.alpha
-        if specific and self.class_specific_alpha != 1.0:  # a mixture of mixtures: alphas multiply
-            alpha = alpha * self.class_specific_alpha
+        if specific:  # a mixture of mixtures: alphas multiply
+            alpha = alpha * self._class_specific_alpha(state)
         if self.instance_weight and not specific and layer < self.instance_layers:
             shrink = None
             if self.instance_shrink_gate is not None:  # over the non-class-specific layers so far
@@ -291,6 +296,15 @@ class EmaStatistics:
             mu, sigma2 = mix_moments(norm.running_mean, norm.running_var, per_sample_mean, per_sample_var, alpha)  # fmt: skip
             return Normalization(mu, sigma2.clamp_min(0.0))
         return source_mixed_normalization(norm, tgt_mean, tgt_var, alpha, segments)
+
+    def _class_specific_alpha(self, state: StateTensors) -> torch.Tensor | float:
+        """The share of adapted statistics a class-specific layer keeps: per request (R, 1)
+        by how class-correlated its stream looks (`class_specific_alpha_correlated`), or one
+        value."""
+        if self.class_specific_alpha_correlated is None:
+            return self.class_specific_alpha
+        iid = state[DIVERSITY_KEY].reshape(-1, 1) >= self.diversity_threshold
+        return torch.where(iid, self.class_specific_alpha, self.class_specific_alpha_correlated)
 
     def _with_instances(self, tgt_mean: torch.Tensor, tgt_var: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, segments: Segments, gate: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """Per sample (N, C): its request's target moments mixed with its own instance

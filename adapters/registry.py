@@ -65,7 +65,8 @@ def default_statistics() -> EmaStatistics:
         shift_gate=(0.035, 0.06),  # clean streams under label shift stay at the source model
         switch_gate=(0.2, 0.5),  # a request from a new domain is trusted and forgets history:
         switch_request_weight=1.0,  # it is normalized with its own statistics (BN-adapt)
-        class_specific_alpha=0.5,  # the class-specific layers keep half the source statistics
+        class_specific_alpha=0.5,  # the class-specific layers keep half the source statistics,
+        class_specific_alpha_correlated=0.0,  # all of them while the stream looks class-correlated
         instance_weight=0.5,  # low-contrast streams: images normalized up to half with their own
         instance_shrink_gate=(0.4, 0.8),  # moments in the first layers (variances shrank)
     )
@@ -78,7 +79,7 @@ def _default(**_: Any) -> ComposedPolicy:
         outputs=(PriorCorrection(), LameCorrection()),
         gates=(EnergyOpenSetGate(), EntropyGate()),
         guard=CollapseGuard(),
-        description="class-balanced EMA statistics (a request weighs n/(n+16) while the stream looks i.i.d., like history otherwise; less in class-specific layers, which keep half the source statistics), used only as far as the class-independent layers show a covariate shift, trusted fully when they show a domain switch; in low-contrast streams (variances shrank) images are normalized partly with their own moments in the first layers + open-set gate + online label-prior correction + LAME on correlated requests + collapse guard",  # fmt: skip
+        description="class-balanced EMA statistics (a request weighs n/(n+16) while the stream looks i.i.d., like history otherwise; less in class-specific layers, which keep half the source statistics, all of them while the stream looks class-correlated), used only as far as the class-independent layers show a covariate shift, trusted fully when they show a domain switch; in low-contrast streams (variances shrank) images are normalized partly with their own moments in the first layers + open-set gate + online label-prior correction + LAME on correlated requests + collapse guard",  # fmt: skip
     )
 
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from conftest import observation_of
-from ttaserve.adapters.ema_batchnorm import EmaStatistics
+from ttaserve.adapters.ema_batchnorm import DIVERSITY_KEY, SENSITIVITY_KEY, EmaStatistics
 from ttaserve.adapters.moments import Segments
 from ttaserve.adapters.policy import BatchObservation, Observation
 from ttaserve.adapters.registry import build_policy
@@ -188,6 +188,32 @@ def test_instance_moments_go_only_to_requests_whose_variances_shrank(random_mode
     low_contrast, noisy = images * 0.1, images * 4.0
     assert torch.equal(_forward(runner, gated, noisy, [state], [8]).logits, _forward(runner, plain, noisy, [state], [8]).logits)  # fmt: skip
     assert not torch.allclose(_forward(runner, gated, low_contrast, [state], [8]).logits, _forward(runner, plain, low_contrast, [state], [8]).logits, atol=1e-3)  # fmt: skip
+
+
+def test_class_correlated_streams_can_keep_the_source_statistics_in_class_specific_layers(random_model):  # fmt: skip
+    """With `class_specific_alpha_correlated` 0, a stream whose requests look
+    class-correlated is normalized with the source statistics in its class-specific
+    layers, while an i.i.d.-looking stream in the same batch keeps `class_specific_alpha`."""
+    source = ModelRunner(random_model).source
+    stats = EmaStatistics(class_sensitivity_scale=0.01, class_specific_alpha=0.5, class_specific_alpha_correlated=0.0)  # fmt: skip
+    streams = []
+    for diversity in (0.1, 1.0):  # correlated, then i.i.d.-looking
+        state = stats.init_state(source)
+        state = {k: v * 1.5 if k.endswith((".mean", ".var")) else v for k, v in state.items()}
+        # every layer class-specific
+        state[SENSITIVITY_KEY] = torch.ones_like(state[SENSITIVITY_KEY])
+        state[DIVERSITY_KEY] = torch.tensor([diversity])
+        streams.append(state)
+    segments = Segments.from_sizes([4, 4])
+    batched = stack_states(streams)
+    batched = batched | stats.prepare(batched, segments)
+    norm = source.layers[0]
+    g = torch.Generator().manual_seed(9)
+    mean, var = torch.randn(8, norm.channels, generator=g), torch.rand(8, norm.channels, generator=g) + 0.5  # fmt: skip
+    got = stats.layer_statistics(0, batched, mean, var, segments, norm)
+    assert torch.equal(got.mean[:4], norm.running_mean.expand(4, -1))
+    assert torch.equal(got.var[:4], norm.running_var.expand(4, -1))
+    assert not torch.allclose(got.mean[4:], norm.running_mean.expand(4, -1))
 
 
 def test_single_image_batches_skip_the_switch_gate_with_the_same_results(random_model):

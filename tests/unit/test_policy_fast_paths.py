@@ -56,7 +56,7 @@ def test_prepared_request_weights_equal_the_weights_of_each_layer(random_model):
     runner = ModelRunner(random_model)
     source = _source_with_class_moments(runner)
     # the gates (alpha, switch), the class-specific layers' alpha and instance moments are tested apart
-    ungated = dataclasses.replace(default_statistics(), shift_gate=None, switch_gate=None, class_specific_alpha=1.0, instance_weight=0.0)  # fmt: skip
+    ungated = dataclasses.replace(default_statistics(), shift_gate=None, switch_gate=None, class_specific_alpha=1.0, class_specific_alpha_correlated=None, instance_weight=0.0)  # fmt: skip
     pieces = [ungated, EmaStatistics(), EmaStatistics(request_prior=None, fixed_momentum=0.05)]
     for stats in pieces:
         for sizes in ([1], [64], [1] * 5, [3, 1, 16, 2]):
