@@ -192,7 +192,7 @@ class EmaStatistics:
             n, history = n.unsqueeze(1), history.unsqueeze(1)
         own = _own_weight(n, prior)
         if self.adaptive_request_weight:
-            iid = state[DIVERSITY_KEY].flatten() >= self.diversity_threshold
+            iid = self._looks_iid(state)
             own = torch.where(iid if own.dim() == 1 else iid.unsqueeze(1), own, history)
         return own if own.dim() == 2 else own.unsqueeze(1)
 
@@ -303,8 +303,13 @@ class EmaStatistics:
         value."""
         if self.class_specific_alpha_correlated is None:
             return self.class_specific_alpha
-        iid = state[DIVERSITY_KEY].reshape(-1, 1) >= self.diversity_threshold
+        iid = self._looks_iid(state).unsqueeze(1)
         return torch.where(iid, self.class_specific_alpha, self.class_specific_alpha_correlated)
+
+    def _looks_iid(self, state: StateTensors) -> torch.Tensor:
+        """(R,) bool: whether each stream's recent requests looked i.i.d. (their prediction
+        diversity at least `diversity_threshold`), not class-correlated."""
+        return state[DIVERSITY_KEY].flatten() >= self.diversity_threshold
 
     def _with_instances(self, tgt_mean: torch.Tensor, tgt_var: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, segments: Segments, gate: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """Per sample (N, C): its request's target moments mixed with its own instance
@@ -424,17 +429,20 @@ def _batch_switch(stats: EmaStatistics, state: StateTensors, moments: list[tuple
 def _log_var_distance(var: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """(R, 1) mean over channels of |log(var / reference)|, detached: gates decide, they
     are no path for gradients."""
-    if var.requires_grad:
-        var = var.detach()
-    ratio = var.clamp_min(1e-12) / reference.detach().clamp_min(1e-12)
-    return ratio.log_().abs_().mean(-1, keepdim=True)
+    return _log_var_ratio(var, reference).abs_().mean(-1, keepdim=True)
 
 
 def _log_var_shrink(var: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """(R, 1) mean over channels of -log(var / reference): positive where variances shrank
     (low contrast), negative where they grew (noise); detached like `_log_var_distance`."""
-    ratio = var.detach().clamp_min(1e-12) / reference.detach().clamp_min(1e-12)
-    return ratio.log_().mean(-1, keepdim=True).neg_()
+    return _log_var_ratio(var, reference).mean(-1, keepdim=True).neg_()
+
+
+def _log_var_ratio(var: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """log(var / reference) per channel, both clamped at 1e-12, detached (a new tensor)."""
+    if var.requires_grad:
+        var = var.detach()
+    return (var.clamp_min(1e-12) / reference.detach().clamp_min(1e-12)).log_()
 
 
 def _ramp(d: torch.Tensor, gate: tuple[float, float]) -> torch.Tensor:
