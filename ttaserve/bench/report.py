@@ -72,6 +72,12 @@ def timing_table(results: dict[str, dict[str, Any]], scenarios: list[str]) -> st
     return table(["policy", *scenarios, "total"], rows)
 
 
+TARGETS_LEGEND = (
+    "`± SE`: the standard error of a gap to `source`, paired over the same images; a gap "
+    "within about two of them of its threshold stands on too few images to call."
+)
+
+
 def targets_table(targets: dict[str, dict[str, dict[str, Any]]]) -> str:
     rows = [
         [scenario, name, "yes" if check["met"] else "**no**", check["detail"]]
@@ -113,7 +119,7 @@ def markdown_report(report: dict[str, Any], plot_written: bool) -> str:
     if "open_set" in scenarios:
         parts += ["", "## Open-set AUROC (unknown: corrupted digits)", "", detail_table(results, "open_set", "auroc")]  # fmt: skip
     if report["targets"]:
-        parts += ["", "## Targets of `default`", "", targets_table(report["targets"])]
+        parts += ["", "## Targets of `default`", "", TARGETS_LEGEND, "", targets_table(report["targets"])]  # fmt: skip
     parts += ["", "## Time per (policy, scenario)", "", timing_table(results, scenarios)]
     parts += ["", "## Accuracy per corruption"]
     for scenario in scenarios:

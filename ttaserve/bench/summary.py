@@ -41,10 +41,30 @@ def percent(correct: np.ndarray) -> float:
     return float(100.0 * correct.mean()) if len(correct) else float("nan")
 
 
-def domain_metrics(run: Run) -> dict[str, dict[str, Any]]:
-    """Accuracy (and open-set AUROC where there are unknowns) per domain of a run."""
+def paired_standard_error(mine: np.ndarray, base: np.ndarray) -> float:
+    """Standard error, in points, of the accuracy gap between two policies' answers on the
+    same images (right/wrong per image, paired): the gap that the number of images alone
+    leaves open. NaN for fewer than 2 images or unequal lengths."""
+    if len(mine) != len(base) or len(mine) < 2:
+        return float("nan")
+    diff = mine.astype(np.float64) - base.astype(np.float64)
+    return float(100.0 * diff.std(ddof=1) / np.sqrt(len(diff)))
+
+
+def se_key(baseline: str) -> str:
+    """The domain entry holding the paired standard error of the gap to `baseline`."""
+    return f"se_vs_{baseline}"
+
+
+def domain_metrics(run: Run, baseline: Run | None = None) -> dict[str, dict[str, Any]]:
+    """Accuracy (and open-set AUROC where there are unknowns) per domain of a run; with
+    `baseline` (another policy's run of the same stream), the paired standard error of the
+    accuracy gap to it (`se_key`)."""
     known = ~run.stream.unknown
     hits = run.outcome.predicted == run.labels[run.stream.index]
+    base_hits = None
+    if baseline is not None and baseline.stream is run.stream:
+        base_hits = baseline.outcome.predicted == run.labels[run.stream.index]
     out: dict[str, dict[str, Any]] = {}
     for number in np.unique(run.stream.domain):
         in_domain = run.stream.domain == number
@@ -52,6 +72,9 @@ def domain_metrics(run: Run) -> dict[str, dict[str, Any]]:
             "accuracy": percent(hits[in_domain & known]),
             "images": int((in_domain & known).sum()),
         }
+        if base_hits is not None and baseline is not None:
+            rows = in_domain & known
+            entry[se_key(baseline.policy)] = paired_standard_error(hits[rows], base_hits[rows])
         if run.stream.unknown.any():
             entry["auroc"] = open_set_auroc(run.stream.unknown[in_domain], run.outcome.open_set_score[in_domain])  # fmt: skip
             entry["unknown_images"] = int((in_domain & ~known).sum())
@@ -82,12 +105,13 @@ def long_stream_metrics(run: Run) -> dict[str, Any]:
     }
 
 
-def scenario_summary(runs: Iterable[Run]) -> dict[str, Any]:
-    """Merge the runs of one (policy, scenario) into its figures."""
+def scenario_summary(runs: Iterable[Run], baselines: dict[int, Run] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Merge the runs of one (policy, scenario) into its figures; `baselines` maps a
+    stream's `id` to the baseline policy's run of it (for `domain_metrics`)."""
     runs = list(runs)
     domains: dict[str, dict[str, Any]] = {}
     for run in runs:
-        domains.update(domain_metrics(run))
+        domains.update(domain_metrics(run, (baselines or {}).get(id(run.stream))))
     corrupted = [v["accuracy"] for k, v in domains.items() if k != CLEAN]
     summary: dict[str, Any] = {
         "domains": domains,
@@ -107,12 +131,17 @@ def scenario_summary(runs: Iterable[Run]) -> dict[str, Any]:
     return summary
 
 
-def summarize(runs: Iterable[Run]) -> dict[str, dict[str, dict[str, Any]]]:
-    """results[policy][scenario] for every (policy, scenario) present, in run order."""
+def summarize(runs: Iterable[Run], baseline: str = "source") -> dict[str, dict[str, dict[str, Any]]]:  # fmt: skip
+    """results[policy][scenario] for every (policy, scenario) present, in run order. Every
+    other policy's domains also get the paired standard error of their gap to `baseline`
+    where it replayed the same streams."""
+    runs = list(runs)
+    baselines = {id(run.stream): run for run in runs if run.policy == baseline}
     grouped: dict[tuple[str, str], list[Run]] = defaultdict(list)
     for run in runs:
         grouped[(run.policy, run.scenario)].append(run)
     results: dict[str, dict[str, dict[str, Any]]] = {}
     for (policy, scenario), group in grouped.items():
-        results.setdefault(policy, {})[scenario] = scenario_summary(group)
+        paired = baselines if policy != baseline else None
+        results.setdefault(policy, {})[scenario] = scenario_summary(group, paired)
     return results

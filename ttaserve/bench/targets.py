@@ -5,13 +5,19 @@
 3. `>= best other row on average` (mean over corruptions, against every other policy);
 4. `single keeps >= 90% of the iid gain` over source (scenario `single`);
 5. `no collapse`: last tenth of `continual_long` >= first tenth - 2 points.
+
+Where the results carry it, a gap to the baseline is followed by `± SE`, the paired
+standard error of that gap on its images (`summary.paired_standard_error`): it says
+whether a miss stands on enough images to be real. It never changes whether a target is
+met.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
-from ttaserve.bench.summary import CLEAN
+from ttaserve.bench.summary import CLEAN, se_key
 
 CANDIDATE = "default"
 BASELINE = "source"
@@ -26,7 +32,7 @@ def _check(met: bool, detail: str) -> Check:
     return {"met": bool(met), "detail": detail}
 
 
-def every_corruption(mine: dict[str, Any], source: dict[str, Any]) -> Check:
+def every_corruption(mine: dict[str, Any], source: dict[str, Any], baseline: str = BASELINE) -> Check:  # fmt: skip
     gaps = {
         name: v["accuracy"] - source["domains"][name]["accuracy"]
         for name, v in mine["domains"].items()
@@ -36,7 +42,8 @@ def every_corruption(mine: dict[str, Any], source: dict[str, Any]) -> Check:
         return _check(True, "no corruption")
     worst = min(gaps, key=gaps.__getitem__)
     below = sorted(k for k, g in gaps.items() if g < 0)
-    detail = f"worst {worst} {gaps[worst]:+.1f}{_images(mine['domains'][worst])}"
+    domain = mine["domains"][worst]
+    detail = f"worst {worst} {gaps[worst]:+.1f}{_error(domain, baseline)}{_images(domain)}"
     return _check(not below, detail + (f"; below on {', '.join(below)}" if below else ""))
 
 
@@ -45,10 +52,16 @@ def _images(domain: dict[str, Any]) -> str:
     return f" ({domain['images']} images)" if "images" in domain else ""
 
 
-def clean_within(mine: dict[str, Any], source: dict[str, Any]) -> Check:
+def _error(domain: dict[str, Any], baseline: str) -> str:
+    """' ± SE' of the domain's gap to `baseline`, where known."""
+    se = domain.get(se_key(baseline))
+    return f" ± {se:.1f}" if se is not None and math.isfinite(se) else ""
+
+
+def clean_within(mine: dict[str, Any], source: dict[str, Any], baseline: str = BASELINE) -> Check:  # fmt: skip
     gap = mine["clean"] - source["clean"]
-    images = _images(mine["domains"].get(CLEAN, {}))
-    return _check(gap >= -CLEAN_TOLERANCE, f"clean {gap:+.1f} vs source{images}")
+    domain = mine["domains"].get(CLEAN, {})
+    return _check(gap >= -CLEAN_TOLERANCE, f"clean {gap:+.1f}{_error(domain, baseline)} vs {baseline}{_images(domain)}")  # fmt: skip
 
 
 def best_on_average(policy: str, results: dict[str, dict[str, Any]], scenario: str) -> Check:
@@ -83,9 +96,9 @@ def check_targets(
     for scenario, figures in mine.items():
         if scenario not in source:
             continue
-        checks = {">= source on every corruption": every_corruption(figures, source[scenario])}
+        checks = {">= source on every corruption": every_corruption(figures, source[scenario], baseline)}  # fmt: skip
         if figures["clean"] is not None and source[scenario]["clean"] is not None:
-            checks["clean within 0.5 of source"] = clean_within(figures, source[scenario])
+            checks["clean within 0.5 of source"] = clean_within(figures, source[scenario], baseline)  # fmt: skip
         checks[">= best other row on average"] = best_on_average(policy, results, scenario)
         if scenario == "single" and "iid" in mine and "iid" in source:
             checks["single keeps >= 90% of iid gain"] = single_keeps_gain(mine, source)
