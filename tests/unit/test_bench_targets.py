@@ -5,8 +5,8 @@ import pytest
 
 from ttaserve.bench.replay import StreamOutcome
 from ttaserve.bench.scenarios import Stream
-from ttaserve.bench.summary import Run, paired_standard_error, summarize
-from ttaserve.bench.targets import clean_within, every_corruption
+from ttaserve.bench.summary import Run, mean_gap_error, paired_standard_error, summarize
+from ttaserve.bench.targets import best_on_average, clean_within, every_corruption
 
 
 def _figures(clean: float, **corrupted: float) -> dict:
@@ -70,3 +70,32 @@ def test_target_details_give_the_standard_error_of_the_gap_where_known():
     assert check["detail"] == "worst jpeg_compression -1.4 ± 2.0 (72 images); below on jpeg_compression"  # fmt: skip
     assert not check["met"]  # the error is information: it never turns a miss into a pass
     assert clean_within(mine, source)["detail"] == "clean -2.0 ± 1.0 vs source (100 images)"
+
+
+def test_the_error_of_a_gap_between_means_adds_the_corruptions_errors_as_independent():
+    labels = np.array([0, 1, 2, 3])
+    n = len(labels)
+    streams = [Stream(np.arange(n), np.zeros(n, int), np.zeros(n, bool), batch_size=2) for _ in range(3)]  # fmt: skip
+    answers = {"source": [0, 9, 9, 9], "default": [0, 1, 9, 9]}  # 25 points apart, SE 25 each
+    runs = [
+        Run(
+            policy,
+            "iid",
+            (domain,),
+            labels,
+            stream,
+            StreamOutcome(np.array(answer), np.zeros(n), 0, 0.0),
+        )  # fmt: skip
+        for policy, answer in answers.items()
+        for domain, stream in zip(("clean", "fog", "snow"), streams, strict=True)
+    ]
+    mine = [r for r in runs if r.policy == "default"]
+    theirs = {id(r.stream): r for r in runs if r.policy == "source"}
+    # two corruptions (clean is not in the headline mean): sqrt(25^2 + 25^2) / 2
+    assert mean_gap_error(mine, theirs) == pytest.approx(25.0 / math.sqrt(2))
+    assert math.isnan(mean_gap_error(mine, {}))  # no counterpart: unknown, not zero
+    results = summarize(runs, candidate="default")
+    assert results["default"]["iid"]["se_vs"] == {"source": pytest.approx(25.0 / math.sqrt(2))}
+    assert "se_vs" not in results["source"]["iid"]
+    check = best_on_average("default", results, "iid")
+    assert check["met"] and check["detail"] == "+25.0 ± 17.7 vs best other (source)"

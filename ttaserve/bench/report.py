@@ -73,8 +73,9 @@ def timing_table(results: dict[str, dict[str, Any]], scenarios: list[str]) -> st
 
 
 TARGETS_LEGEND = (
-    "`± SE`: the standard error of a gap to `source`, paired over the same images; a gap "
-    "within about two of them of its threshold stands on too few images to call."
+    "`± SE`: the standard error of a gap (to `source`, or between two policies' means over "
+    "corruptions), paired over the same images; a gap within about two of them of its "
+    "threshold stands on too few images to call."
 )
 
 

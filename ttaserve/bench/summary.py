@@ -56,15 +56,41 @@ def se_key(baseline: str) -> str:
     return f"se_vs_{baseline}"
 
 
+def gap_errors(run: Run, other: Run) -> dict[str, float]:
+    """Per domain of `run`, the paired standard error of its accuracy gap to `other`, a
+    run of the same stream by another policy."""
+    if other.stream is not run.stream:
+        raise ValueError("gap errors pair two runs of the same stream")
+    known = ~run.stream.unknown
+    mine = run.outcome.predicted == run.labels[run.stream.index]
+    theirs = other.outcome.predicted == run.labels[run.stream.index]
+    errors: dict[str, float] = {}
+    for number in np.unique(run.stream.domain):
+        rows = (run.stream.domain == number) & known
+        errors[run.domains[int(number)]] = paired_standard_error(mine[rows], theirs[rows])
+    return errors
+
+
+def mean_gap_error(runs: list[Run], others: dict[int, Run]) -> float:
+    """Standard error of the gap between two policies' mean accuracy over corruptions (a
+    scenario's headline figure), from `runs` of one policy and `others`, the other
+    policy's runs by stream `id`: the corruptions' errors added as independent. NaN where a
+    run has no counterpart."""
+    if any(id(run.stream) not in others for run in runs):
+        return float("nan")
+    errors = [se for run in runs for name, se in gap_errors(run, others[id(run.stream)]).items() if name != CLEAN]  # fmt: skip
+    if not errors:
+        return float("nan")
+    return float(np.sqrt(np.sum(np.square(errors))) / len(errors))
+
+
 def domain_metrics(run: Run, baseline: Run | None = None) -> dict[str, dict[str, Any]]:
     """Accuracy (and open-set AUROC where there are unknowns) per domain of a run; with
     `baseline` (another policy's run of the same stream), the paired standard error of the
     accuracy gap to it (`se_key`)."""
     known = ~run.stream.unknown
     hits = run.outcome.predicted == run.labels[run.stream.index]
-    base_hits = None
-    if baseline is not None and baseline.stream is run.stream:
-        base_hits = baseline.outcome.predicted == run.labels[run.stream.index]
+    errors = gap_errors(run, baseline) if baseline is not None else {}
     out: dict[str, dict[str, Any]] = {}
     for number in np.unique(run.stream.domain):
         in_domain = run.stream.domain == number
@@ -72,9 +98,8 @@ def domain_metrics(run: Run, baseline: Run | None = None) -> dict[str, dict[str,
             "accuracy": percent(hits[in_domain & known]),
             "images": int((in_domain & known).sum()),
         }
-        if base_hits is not None and baseline is not None:
-            rows = in_domain & known
-            entry[se_key(baseline.policy)] = paired_standard_error(hits[rows], base_hits[rows])
+        if baseline is not None:
+            entry[se_key(baseline.policy)] = errors[run.domains[int(number)]]
         if run.stream.unknown.any():
             entry["auroc"] = open_set_auroc(run.stream.unknown[in_domain], run.outcome.open_set_score[in_domain])  # fmt: skip
             entry["unknown_images"] = int((in_domain & ~known).sum())
@@ -131,10 +156,11 @@ def scenario_summary(runs: Iterable[Run], baselines: dict[int, Run] | None = Non
     return summary
 
 
-def summarize(runs: Iterable[Run], baseline: str = "source") -> dict[str, dict[str, dict[str, Any]]]:  # fmt: skip
+def summarize(runs: Iterable[Run], baseline: str = "source", candidate: str | None = None) -> dict[str, dict[str, dict[str, Any]]]:  # fmt: skip
     """results[policy][scenario] for every (policy, scenario) present, in run order. Every
     other policy's domains also get the paired standard error of their gap to `baseline`
-    where it replayed the same streams."""
+    where it replayed the same streams; the `candidate` policy's scenarios get `se_vs`,
+    per other policy the standard error of the gap between their headline figures."""
     runs = list(runs)
     baselines = {id(run.stream): run for run in runs if run.policy == baseline}
     grouped: dict[tuple[str, str], list[Run]] = defaultdict(list)
@@ -144,4 +170,13 @@ def summarize(runs: Iterable[Run], baseline: str = "source") -> dict[str, dict[s
     for (policy, scenario), group in grouped.items():
         paired = baselines if policy != baseline else None
         results.setdefault(policy, {})[scenario] = scenario_summary(group, paired)
+    for scenario, figures in results.get(candidate or "", {}).items():
+        mine = grouped[(candidate, scenario)]  # type: ignore[index]
+        figures["se_vs"] = {
+            policy: mean_gap_error(
+                mine, {id(run.stream): run for run in grouped[(policy, scenario)]}
+            )  # fmt: skip
+            for policy in results
+            if policy != candidate and (policy, scenario) in grouped
+        }
     return results

@@ -6,10 +6,10 @@
 4. `single keeps >= 90% of the iid gain` over source (scenario `single`);
 5. `no collapse`: last tenth of `continual_long` >= first tenth - 2 points.
 
-Where the results carry it, a gap to the baseline is followed by `± SE`, the paired
-standard error of that gap on its images (`summary.paired_standard_error`): it says
-whether a miss stands on enough images to be real. It never changes whether a target is
-met.
+Where the results carry it, a gap is followed by `± SE`, the paired standard error of
+that gap on its images (`summary.paired_standard_error`; for the mean over corruptions,
+`summary.mean_gap_error`): it says whether a miss stands on enough images to be real. It
+never changes whether a target is met.
 """
 
 from __future__ import annotations
@@ -70,7 +70,9 @@ def best_on_average(policy: str, results: dict[str, dict[str, Any]], scenario: s
     if not others:
         return _check(True, "no other policy")
     best = max(others, key=others.__getitem__)
-    return _check(mine >= others[best], f"{mine - others[best]:+.1f} vs best other ({best})")
+    se = results[policy][scenario].get("se_vs", {}).get(best)
+    error = f" ± {se:.1f}" if se is not None and math.isfinite(se) else ""
+    return _check(mine >= others[best], f"{mine - others[best]:+.1f}{error} vs best other ({best})")  # fmt: skip
 
 
 def single_keeps_gain(mine: dict[str, Any], source: dict[str, Any]) -> Check:
