@@ -47,7 +47,7 @@ from ttaserve.bench.scenarios import (
     per_corruption_stream,
 )
 from ttaserve.bench.summary import CLEAN, Run, summarize
-from ttaserve.bench.targets import CANDIDATE, check_targets
+from ttaserve.bench.targets import BASELINE, CANDIDATE, check_targets
 from ttaserve.datasets import default_cifar10_dir, load_npz, stratified_subset
 from ttaserve.server.allocator import tune_glibc_malloc
 from ttaserve.server.model_package import load_package
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = replay_in_workers(cfg, plans, cfg["policies"], cfg["jobs"])
     else:
         runs = asyncio.run(replay_all(runner, plans, cfg["policies"]))
-    results = summarize(runs, candidate=CANDIDATE)
+    results = summarize(runs, baseline=BASELINE, candidate=CANDIDATE)  # the pairs the targets read
     card = runner.model.card
     report = {
         "config": cfg,

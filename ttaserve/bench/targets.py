@@ -54,7 +54,11 @@ def _images(domain: dict[str, Any]) -> str:
 
 def _error(domain: dict[str, Any], baseline: str) -> str:
     """' ± SE' of the domain's gap to `baseline`, where known."""
-    se = domain.get(se_key(baseline))
+    return _plus_minus(domain.get(se_key(baseline)))
+
+
+def _plus_minus(se: float | None) -> str:
+    """' ± SE' for a known, finite standard error; '' otherwise (none, or NaN)."""
     return f" ± {se:.1f}" if se is not None and math.isfinite(se) else ""
 
 
@@ -70,8 +74,7 @@ def best_on_average(policy: str, results: dict[str, dict[str, Any]], scenario: s
     if not others:
         return _check(True, "no other policy")
     best = max(others, key=others.__getitem__)
-    se = results[policy][scenario].get("se_vs", {}).get(best)
-    error = f" ± {se:.1f}" if se is not None and math.isfinite(se) else ""
+    error = _plus_minus(results[policy][scenario].get("se_vs", {}).get(best))
     return _check(mine >= others[best], f"{mine - others[best]:+.1f}{error} vs best other ({best})")  # fmt: skip
 
 
