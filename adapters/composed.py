@@ -7,8 +7,9 @@
 - *output* pieces correct the logits (label-prior correction, LAME);
 - *gate* pieces decide which samples may update the state and which are open-set;
 - an optional *guard* resets a stream whose adaptation degenerates.
-Each piece keeps its own keys in the stream's flat state dict. A piece's `update` moves
-one stream; it may also offer `update_batch` (the guard: `check_batch`), which moves the
+Each piece keeps its own keys in the stream's flat state dict. Updates run gates first
+(they read the statistics the forward pass used), then statistics, affine and outputs, then
+the guard. A piece's `update` moves one stream; it may also offer `update_batch` (the guard: `check_batch`), which moves the
 stacked states of every stream of a forward pass at once and must equal `update` row by
 row (`tests/unit/test_batched_update.py`); without one, the policy's `update_batch`
 calls `update` stream by stream.
@@ -171,10 +172,14 @@ class ComposedPolicy:
         return self.affine.loss(view, logits, gate) if self.affine else None
 
     def update(self, state: StateTensors, obs: Observation, source: SourceModel) -> PolicyUpdate:
-        new = self.statistics.update(state, obs, source)
+        new = state
+        for piece in self.gates:  # first: they score samples against the state the forward used
+            if hasattr(piece, "update"):
+                new = piece.update(new, obs, source)
+        new = self.statistics.update(new, obs, source)
         if self.affine is not None:
             new = self.affine.update(new, obs, source)
-        for piece in (*self.outputs, *self.gates):
+        for piece in self.outputs:
             if hasattr(piece, "update"):
                 new = piece.update(new, obs, source)
         if self.guard is None:
@@ -189,10 +194,14 @@ class ComposedPolicy:
     def update_batch(self, state: StateTensors, obs: BatchObservation, source: SourceModel) -> BatchUpdate:  # fmt: skip
         """`update` for many streams at once (row r of the stacked state from request r):
         each piece's batched update where it has one, its `update` row by row otherwise."""
-        new = _update_batch(self.statistics, state, obs, source)
+        new = state
+        for piece in self.gates:  # first, as in `update`
+            if hasattr(piece, "update"):
+                new = _update_batch(piece, new, obs, source)
+        new = _update_batch(self.statistics, new, obs, source)
         if self.affine is not None:
             new = _update_batch(self.affine, new, obs, source)
-        for piece in (*self.outputs, *self.gates):
+        for piece in self.outputs:
             if hasattr(piece, "update"):
                 new = _update_batch(piece, new, obs, source)
         count = obs.segments.count

@@ -241,6 +241,8 @@ class BatchView:
     segments: Segments
     source: SourceModel
     source_logits: torch.Tensor | None = None  # (N, K) frozen-model logits, when asked for
+    # per layer: (N, C) per-sample input means and variances (empty: the frozen model ran)
+    moments: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
 
 class AdaptationPolicy(Protocol):

@@ -17,6 +17,7 @@ from ttaserve.adapters.collapse_guard import CollapseGuard
 from ttaserve.adapters.composed import ComposedPolicy
 from ttaserve.adapters.ema_batchnorm import EmaStatistics
 from ttaserve.adapters.entropy_minimization import EntropyMinimization
+from ttaserve.adapters.feature_open_set import FeatureOpenSetGate
 from ttaserve.adapters.label_shift_adapter import LabelShiftCorrection
 from ttaserve.adapters.lame import LameCorrection
 from ttaserve.adapters.policy import AdaptationPolicy
@@ -77,9 +78,9 @@ def _default(**_: Any) -> ComposedPolicy:
         "default",
         default_statistics(),
         outputs=(PriorCorrection(), LameCorrection()),
-        gates=(EnergyOpenSetGate(), EntropyGate()),
+        gates=(FeatureOpenSetGate(), EntropyGate()),
         guard=CollapseGuard(),
-        description="class-balanced EMA statistics (a request weighs n/(n+16) while the stream looks i.i.d., like history otherwise; less in class-specific layers, which keep half the source statistics, all of them while the stream looks class-correlated), used only as far as the class-independent layers show a covariate shift, trusted fully when they show a domain switch; in low-contrast streams (variances shrank) images are normalized partly with their own moments in the first layers + open-set gate + online label-prior correction + LAME on correlated requests + collapse guard",  # fmt: skip
+        description="class-balanced EMA statistics (a request weighs n/(n+16) while the stream looks i.i.d., like history otherwise; less in class-specific layers, which keep half the source statistics, all of them while the stream looks class-correlated), used only as far as the class-independent layers show a covariate shift, trusted fully when they show a domain switch; in low-contrast streams (variances shrank) images are normalized partly with their own moments in the first layers + open-set gate on mid-network feature statistics + online label-prior correction + LAME on correlated requests + collapse guard",  # fmt: skip
     )
 
 

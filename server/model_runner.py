@@ -174,7 +174,10 @@ class ModelRunner:
             frozen = self._compiled.get(FROZEN)
             with torch.inference_mode():  # the frozen source model
                 source_logits = frozen(x, {}, segments)[0] if frozen else self.model.module(x)
-        view = BatchView(raw.detach(), _detached(ctx.features), batched, segments, self.source, source_logits)  # fmt: skip
+        moments = [ctx.moments[i] for i in range(len(self.layers))] if per_sample else []
+        if trainable:
+            moments = [(mean.detach(), var.detach()) for mean, var in moments]
+        view = BatchView(raw.detach(), _detached(ctx.features), batched, segments, self.source, source_logits, moments)  # fmt: skip
         with torch.no_grad():
             logits = policy.correct(view)
             gate = policy.gate(view, logits)
@@ -184,9 +187,6 @@ class ModelRunner:
             if loss is not None and loss.requires_grad:
                 found = torch.autograd.grad(loss, [batched[k] for k in trainable], allow_unused=True)  # fmt: skip
                 grads = {k: (g if g is not None else torch.zeros_like(batched[k])).detach() for k, g in zip(trainable, found, strict=True)}  # fmt: skip
-        moments = [ctx.moments[i] for i in range(len(self.layers))] if per_sample else []
-        if trainable:
-            moments = [(mean.detach(), var.detach()) for mean, var in moments]
         return ForwardResult(
             raw_logits=view.logits,
             logits=logits,
