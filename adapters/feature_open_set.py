@@ -121,42 +121,38 @@ class FeatureOpenSetGate:
         open_set = z > self.z_threshold
         return GateResult(~open_set, open_set, z)
 
-    def _step(self, n: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
-        """The update's weight: a running average while the stream is young, then an EMA."""
-        return torch.maximum(n / (seen + n).clamp_min(1.0), 1 - (1 - self.rate) ** n)
+    def _moved(self, state: StateTensors, n: torch.Tensor, batch_mean: torch.Tensor, spread: torch.Tensor) -> StateTensors:  # fmt: skip
+        """The score statistics moved towards a request's (n samples, their mean and spread):
+        a running average while the stream is young, then an EMA at `rate` per sample."""
+        mean, var, seen = state[FEATURE_MEAN_KEY], state[FEATURE_VAR_KEY], state[FEATURE_SEEN_KEY]  # fmt: skip
+        step = torch.maximum(n / (seen + n).clamp_min(1.0), 1 - (1 - self.rate) ** n)
+        new_mean = (1 - step) * mean + step * batch_mean
+        new_var = ((1 - step) * (var + (batch_mean - mean).square() * step) + step * spread).clamp_min(1e-6)  # fmt: skip
+        updated = n > 0
+        return {
+            FEATURE_MEAN_KEY: torch.where(updated, new_mean, mean),
+            FEATURE_VAR_KEY: torch.where(updated, new_var, var),
+            FEATURE_SEEN_KEY: seen + n,
+        }
 
     def update_batch(self, state: StateTensors, obs: BatchObservation, source: SourceModel) -> StateTensors:  # fmt: skip
         """`update` for every request of a forward pass at once (row r from request r)."""
         if not obs.moments:
             return state
         seg = obs.segments
-        # every sample, flagged ones too: a stream cannot lock itself out after a shift
-        n = seg.sizes.to(torch.float32).unsqueeze(1)
         score = self._scores(obs.moments, state, source, seg.broadcast)
-        mean, var, seen = state[FEATURE_MEAN_KEY], state[FEATURE_VAR_KEY], state[FEATURE_SEEN_KEY]  # fmt: skip
         batch_mean = seg.mean(score).unsqueeze(1)
         spread = seg.mean((score - seg.broadcast(batch_mean.squeeze(1))).square()).unsqueeze(1)
-        step = self._step(n, seen)
-        new_mean = (1 - step) * mean + step * batch_mean
-        new_var = ((1 - step) * (var + (batch_mean - mean).square() * step) + step * spread).clamp_min(1e-6)  # fmt: skip
-        updated = n > 0
-        return dict(state) | {
-            FEATURE_MEAN_KEY: torch.where(updated, new_mean, mean),
-            FEATURE_VAR_KEY: torch.where(updated, new_var, var),
-            FEATURE_SEEN_KEY: seen + n,
-        }
+        n = seg.sizes.to(torch.float32).unsqueeze(1)
+        return dict(state) | self._moved(state, n, batch_mean, spread)
 
     def update(self, state: StateTensors, obs: Observation, source: SourceModel) -> StateTensors:
-        known = obs  # every sample, as in `update_batch`
-        if known.count == 0 or not known.moments:
+        """Every sample updates the score statistics, flagged ones too: a stream whose
+        samples all moved (a new domain) cannot lock itself out."""
+        if obs.count == 0 or not obs.moments:
             return state
         stacked = {k: v.unsqueeze(0) for k, v in state.items()}
-        score = self._scores(known.moments, stacked, source, lambda rows: rows)
-        n = torch.tensor([float(known.count)])
-        mean, var, seen = state[FEATURE_MEAN_KEY], state[FEATURE_VAR_KEY], state[FEATURE_SEEN_KEY]  # fmt: skip
+        score = self._scores(obs.moments, stacked, source, lambda rows: rows)
         batch_mean = score.mean().reshape(1)
         spread = (score - batch_mean).square().mean().reshape(1)
-        step = self._step(n, seen)
-        new_mean = (1 - step) * mean + step * batch_mean
-        new_var = ((1 - step) * (var + (batch_mean - mean).square() * step) + step * spread).clamp_min(1e-6)  # fmt: skip
-        return dict(state) | {FEATURE_MEAN_KEY: new_mean, FEATURE_VAR_KEY: new_var, FEATURE_SEEN_KEY: seen + n}  # fmt: skip
+        return dict(state) | self._moved(state, torch.tensor([float(obs.count)]), batch_mean, spread)  # fmt: skip
