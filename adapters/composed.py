@@ -7,12 +7,13 @@
 - *output* pieces correct the logits (label-prior correction, LAME);
 - *gate* pieces decide which samples may update the state and which are open-set;
 - an optional *guard* resets a stream whose adaptation degenerates.
-Each piece keeps its own keys in the stream's flat state dict. Updates run gates first
-(they read the statistics the forward pass used), then statistics, affine and outputs, then
-the guard. A piece's `update` moves one stream; it may also offer `update_batch` (the guard: `check_batch`), which moves the
-stacked states of every stream of a forward pass at once and must equal `update` row by
-row (`tests/unit/test_batched_update.py`); without one, the policy's `update_batch`
-calls `update` stream by stream.
+Each piece keeps its own keys in the stream's flat state dict. Updates run the gates
+first (they read the statistics the forward pass used), then the statistics, affine and
+output pieces, then the guard. A piece's `update` moves one stream; it may also offer
+`update_batch` (the guard: `check_batch`), which moves the stacked states of every stream
+of a forward pass at once and must equal `update` row by row
+(`tests/unit/test_batched_update.py`); without one, the policy's `update_batch` calls
+`update` stream by stream.
 """
 
 from __future__ import annotations
