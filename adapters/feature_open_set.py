@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from ttaserve.adapters.ema_batchnorm import state_keys
+from ttaserve.adapters.moments import mix_moments, pooled_moments, segment_moments
 from ttaserve.adapters.policy import (
     BatchObservation,
     BatchView,
@@ -71,7 +72,7 @@ def feature_distance(
         if mean_key in state:
             mu, var = per_sample(state[mean_key].reshape(-1, mean.shape[1])), per_sample(state[var_key].reshape(-1, mean.shape[1]))  # fmt: skip
         else:  # a policy without stream statistics normalizes with the source's
-            mu, var = source.layers[layer].running_mean, source.layers[layer].running_var
+            mu, var = source.layer_statistics(layer)
         d = (mean - mu).square_().div_(var.clamp_min(1e-5)).mean(1)
         total = d if total is None else total + d
     assert total is not None
@@ -128,12 +129,11 @@ class FeatureOpenSetGate:
         a running average while the stream is young, then an EMA at `rate` per sample."""
         mean, var, seen = state[FEATURE_MEAN_KEY], state[FEATURE_VAR_KEY], state[FEATURE_SEEN_KEY]  # fmt: skip
         step = torch.maximum(n / (seen + n).clamp_min(1.0), 1 - (1 - self.rate) ** n)
-        new_mean = (1 - step) * mean + step * batch_mean
-        new_var = ((1 - step) * (var + (batch_mean - mean).square() * step) + step * spread).clamp_min(1e-6)  # fmt: skip
+        new_mean, new_var = mix_moments(mean, var, batch_mean, spread, step)
         updated = n > 0
         return {
             FEATURE_MEAN_KEY: torch.where(updated, new_mean, mean),
-            FEATURE_VAR_KEY: torch.where(updated, new_var, var),
+            FEATURE_VAR_KEY: torch.where(updated, new_var.clamp_min(1e-6), var),
             FEATURE_SEEN_KEY: seen + n,
         }
 
@@ -142,9 +142,8 @@ class FeatureOpenSetGate:
         if not obs.moments:
             return state
         seg = obs.segments
-        score = self._scores(obs.moments, state, source, seg.broadcast)
-        batch_mean = seg.mean(score).unsqueeze(1)
-        spread = seg.mean((score - seg.broadcast(batch_mean.squeeze(1))).square()).unsqueeze(1)
+        score = self._scores(obs.moments, state, source, seg.broadcast).unsqueeze(1)
+        batch_mean, spread = segment_moments(score, torch.zeros_like(score), seg)
         n = seg.sizes.to(torch.float32).unsqueeze(1)
         return dict(state) | self._moved(state, n, batch_mean, spread)
 
@@ -154,7 +153,6 @@ class FeatureOpenSetGate:
         if obs.count == 0 or not obs.moments:
             return state
         stacked = {k: v.unsqueeze(0) for k, v in state.items()}
-        score = self._scores(obs.moments, stacked, source, lambda rows: rows)
-        batch_mean = score.mean().reshape(1)
-        spread = (score - batch_mean).square().mean().reshape(1)
+        score = self._scores(obs.moments, stacked, source, lambda rows: rows).unsqueeze(1)
+        batch_mean, spread = pooled_moments(score, torch.zeros_like(score))
         return dict(state) | self._moved(state, torch.tensor([float(obs.count)]), batch_mean, spread)  # fmt: skip
